@@ -1,0 +1,1 @@
+"""mlpsweep: regularization ablations of MLPs, composed with Hydra and tracked in MLflow."""

@@ -1,0 +1,82 @@
+"""The Hydra entry point (`python train.py ...` or `mlpsweep-train ...`) over a plain `train(cfg)`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from mlpsweep import tracking
+from mlpsweep.config import ConfigError, require, validate_config
+from mlpsweep.data import DataNotFoundError, load_splits
+from mlpsweep.engine import EpochMetrics, build_optimizer, evaluate, fit, resolve_device, seed_everything
+from mlpsweep.model import build_model, count_parameters
+
+log = logging.getLogger(__name__)
+
+# conf/ at the repository root (the package is installed editable from the repository)
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# Errors in what the user asked for: reported in one line, without a traceback.
+INPUT_ERRORS = (ConfigError, DataNotFoundError)
+
+
+def train(cfg: DictConfig) -> float:
+    """Train and test the model `cfg` describes, tracked in MLflow; return the best validation accuracy.
+
+    Everything that can be wrong with the input is checked before the MLflow run starts.
+    """
+    validate_config(cfg)
+    device = resolve_device(cfg.trainer.device)
+    seed_everything(cfg.seed)
+    data = load_splits(cfg.data, device)
+    require(
+        cfg.trainer.batch_size <= len(data.train),
+        "trainer.batch_size",
+        cfg.trainer.batch_size,
+        f"at most the number of training images ({len(data.train)})",
+    )
+    model = build_model(cfg, data.num_features, data.num_classes).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    num_params = count_parameters(model)
+    log.info(f"{tracking.run_name(cfg)} on {device}, {num_params:,} parameters:\n{model}")
+
+    def on_epoch_end(metrics: EpochMetrics) -> None:
+        log.info(metrics.log_line())
+        tracking.log_epoch(metrics)
+
+    with tracking.job_run(cfg, num_params):
+        history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end)
+        test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size)
+        log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
+        tracking.log_test(test_loss, test_acc)
+        if cfg.tracking.log_model:
+            tracking.log_model(model, data.test.x[:5])
+    return max(m.val_acc for m in history)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Run `train(cfg)`. In a multirun a failing job is recorded on the parent run and the sweep goes on."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        return train(cfg)
+    except INPUT_ERRORS as err:
+        log.error(str(err))
+        if not multirun:
+            raise SystemExit(2) from None
+        failure: Exception = err
+    except Exception as err:
+        if not multirun:
+            raise
+        log.exception(f"job failed: {err}")
+        failure = err
+    tracking.record_job_failure(cfg, failure)
+    return math.nan  # an objective a sweeper (e.g. Optuna) reads as a failed trial

@@ -1,0 +1,62 @@
+"""Checks on the composed config that run before any data is read or any run is tracked.
+
+Group options (`activation=foo`) are checked by Hydra itself when it composes the config,
+and option names by the factories that use them; this module checks the numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is not allowed; the message names the key, the value and what is allowed."""
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ConfigError(`key=value: must be <allowed>`) unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: must be {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value in `cfg` that training cannot use."""
+    p = cfg.dropout.p
+    require(_is_number(p) and 0.0 <= p < 1.0, "dropout.p", p, "a probability in [0, 1)")
+
+    widths = list(cfg.depth.widths)
+    require(all(_is_int(w) and w > 0 for w in widths), "depth.widths", widths, "a list of positive integers")
+
+    for key in ("max_epochs", "batch_size", "eval_batch_size"):
+        value = cfg.trainer[key]
+        require(_is_int(value) and value > 0, f"trainer.{key}", value, "a positive integer")
+    bar = cfg.trainer.progress_bar
+    require(bar in ("auto", True, False), "trainer.progress_bar", bar, "one of auto, true, false")
+
+    lr = cfg.optimizer.lr
+    require(_is_number(lr) and lr > 0, "optimizer.lr", lr, "a positive number")
+    wd = cfg.optimizer.weight_decay
+    require(_is_number(wd) and wd >= 0, "optimizer.weight_decay", wd, "a non-negative number")
+
+    limit = cfg.data.limit_train
+    require(limit is None or (_is_int(limit) and limit > 0), "data.limit_train", limit, "null or a positive integer")
+    require(_is_int(cfg.seed), "seed", cfg.seed, "an integer")
+
+
+def lookup_option(registry: dict[str, Any], group: str, node: DictConfig) -> tuple[Any, dict[str, Any]]:
+    """The registry entry named by `node.name` and the node's other keys as keyword arguments."""
+    options = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(options, dict)
+    name = options.pop("name")
+    require(name in registry, f"{group}.name", name, f"one of {', '.join(registry)}")
+    return registry[name], options

@@ -1,0 +1,170 @@
+"""The training engine shared by every run, on CPU or CUDA.
+
+The whole dataset lives on the training device as tensors; each epoch draws a fresh
+permutation and slices mini-batches out of it (no Dataset/DataLoader on the hot path).
+Losses and correct counts stay on the device during an epoch and are read once at its end,
+so a CUDA epoch has no host synchronisation inside it.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from tqdm import tqdm
+
+from mlpsweep.config import ConfigError, lookup_option
+from mlpsweep.data import DataSplits, Split
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    epoch_time_s: float
+
+    def metrics(self) -> dict[str, float]:
+        """Everything but the epoch number, keyed by MLflow metric name."""
+        values = asdict(self)
+        del values["epoch"]
+        return values
+
+    def log_line(self) -> str:
+        """The lecture's per-epoch line."""
+        return (
+            f"Iter: {self.epoch} >> T_loss {self.train_loss:.5f} T_acc {self.train_acc:.5f} "
+            f"V_loss {self.val_loss:.5f} V_acc {self.val_acc:.5f} {self.epoch_time_s:.3f}s"
+        )
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU; `cuda`/`cuda:N` only where CUDA is present."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ConfigError(f"trainer.device={spec!r}: must be auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={spec!r}: CUDA is not available on this machine; use auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"trainer.device={spec!r}: must be auto, cpu, cuda or cuda:N")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: DictConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg.name`, with the node's other keys as its arguments."""
+    optimizer_cls, kwargs = lookup_option(OPTIMIZERS, "optimizer", cfg)
+    return optimizer_cls(params, **kwargs)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` in eval mode over a whole split."""
+    model.eval()
+    loss_sum = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
+    for start in range(0, len(split), batch_size):
+        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(dim=1) == y).sum()
+    return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    split: Split,
+    batch_size: int,
+    generator: torch.Generator,
+    progress: tqdm | None = None,
+) -> tuple[torch.Tensor, float]:
+    """One pass over a fresh permutation of `split`, dropping the last partial batch.
+
+    Returns the per-step losses (on the device) and the training accuracy.
+    """
+    model.train()
+    steps = len(split) // batch_size
+    order = torch.randperm(len(split), device=split.x.device, generator=generator)
+    step_losses = torch.empty(steps, device=split.x.device)
+    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
+    for step in range(steps):
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        x, y = split.x[idx], split.y[idx]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step_losses[step] = loss.detach()
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+        if progress is not None:
+            progress.update()
+    return step_losses, correct.item() / (steps * batch_size)
+
+
+def _check_finite(step_losses: torch.Tensor, epoch: int) -> None:
+    bad = (~torch.isfinite(step_losses)).nonzero()
+    if len(bad):
+        step = int(bad[0])
+        raise DivergenceError(f"loss diverged to {step_losses[step].item()} at epoch {epoch}, step {step + 1}")
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DataSplits,
+    cfg: DictConfig,
+    generator: torch.Generator,
+    on_epoch_end: Callable[[EpochMetrics], None] | None = None,
+) -> list[EpochMetrics]:
+    """Train for `cfg.max_epochs` epochs (`cfg` is the `trainer` node), validating after each."""
+    show_bar = sys.stderr.isatty() if cfg.progress_bar == "auto" else bool(cfg.progress_bar)
+    history = []
+    for epoch in range(1, cfg.max_epochs + 1):
+        start = time.perf_counter()
+        with tqdm(total=len(data.train) // cfg.batch_size, desc=f"epoch {epoch}", leave=False, disable=not show_bar) as bar:
+            step_losses, train_acc = train_one_epoch(model, optimizer, data.train, cfg.batch_size, generator, bar)
+        _check_finite(step_losses, epoch)
+        val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=step_losses.mean().item(),
+            train_acc=train_acc,
+            val_loss=val_loss,
+            val_acc=val_acc,
+            epoch_time_s=time.perf_counter() - start,
+        )
+        history.append(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+    return history

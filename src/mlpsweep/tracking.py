@@ -1,0 +1,236 @@
+"""MLflow tracking: the store, the parent run of a sweep and the run of each job.
+
+In a multirun, `MlflowSweepCallback` (a Hydra callback, so it runs in the launching process)
+creates the store, the experiment and the parent run before any job starts, and hands the
+parent's id to the jobs through the environment. Parallel jobs therefore never race to
+create or migrate a fresh SQLite store. Each job opens its own run with `job_run`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import logging
+import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mlpsweep.engine import EpochMetrics
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "MLPSWEEP_PARENT_RUN_ID"
+ROLE_TAG = "mlpsweep.role"
+OVERRIDES_TAG = "mlpsweep.overrides"
+ERROR_TAG = "mlpsweep.error"
+FAILED_JOB_TAG_PREFIX = "mlpsweep.failed_job."
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """`uri` if set, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the launch directory."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    launch_dir = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
+    return f"sqlite:///{launch_dir.resolve() / 'mlflow.db'}"
+
+
+def _task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def flatten(node: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b.c": "value"}, the form MLflow params take."""
+    flat: dict[str, str] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def axes(cfg: DictConfig) -> dict[str, str]:
+    """The four ablation axes under their short names."""
+    return {
+        "activation": cfg.activation.name,
+        "norm": cfg.norm.name,
+        "dropout": f"{cfg.dropout.p:g}",
+        "depth": "x".join(str(w) for w in cfg.depth.widths),
+    }
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A readable run name, e.g. relu-batchnorm-p0.2-1024x300-s0."""
+    a = axes(cfg)
+    return f"{a['activation']}-{a['norm']}-p{a['dropout']}-{a['depth']}-s{cfg.seed}"
+
+
+def _parent_run_id() -> str | None:
+    in_multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return os.environ.get(PARENT_RUN_ENV) if in_multirun else None
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """For a SQLite store, `mlartifacts/` beside the database file; otherwise the server decides."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+    return (database.parent / "mlartifacts").as_uri()
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+
+
+def log_epoch(metrics: EpochMetrics) -> None:
+    mlflow.log_metrics(metrics.metrics(), step=metrics.epoch)
+
+
+def log_test(test_loss: float, test_acc: float) -> None:
+    mlflow.log_metrics({"test_loss": test_loss, "test_acc": test_acc})
+
+
+def log_model(model: nn.Module, example: torch.Tensor) -> None:
+    """Log a CPU copy of `model` with an input example (MLflow infers the signature from it)."""
+    mlflow.pytorch.log_model(
+        copy.deepcopy(model).cpu().eval(),
+        name="model",
+        input_example=example.detach().cpu().numpy().astype(np.float32),
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+
+
+@contextmanager
+def job_run(cfg: DictConfig, num_params: int) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run of one training job: params, config and overrides logged on entry.
+
+    In a multirun the run is a child of the sweep's parent run. An exception ends the run
+    FAILED, with the error as a tag and the traceback as an artifact, and propagates.
+    """
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = get_or_create_experiment(MlflowClient(tracking_uri), cfg.tracking.experiment)
+    overrides = _task_overrides()
+    tags = {ROLE_TAG: "job", OVERRIDES_TAG: " ".join(overrides)}
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name(cfg), parent_run_id=_parent_run_id(), tags=tags
+    ) as run:
+        try:
+            container = OmegaConf.to_container(cfg, resolve=True)
+            assert isinstance(container, dict)
+            mlflow.log_params({**flatten(container), **axes(cfg), "num_params": num_params})
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
+            yield run
+        except BaseException as err:
+            mlflow.set_tag(ERROR_TAG, _describe(err))
+            mlflow.log_text(traceback.format_exc(), "traceback.txt")
+            raise
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:5000]
+
+
+def record_job_failure(cfg: DictConfig, err: BaseException) -> None:
+    """Tag the sweep's parent run with a failed job's number, overrides and error.
+
+    This also covers jobs that failed before their own run started (e.g. a bad value).
+    """
+    parent_id = _parent_run_id()
+    if parent_id is None:
+        return
+    job = HydraConfig.get().job
+    try:
+        client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
+        client.set_tag(parent_id, f"{FAILED_JOB_TAG_PREFIX}{job.num}", f"[{' '.join(_task_overrides())}] {_describe(err)}")
+    except Exception:  # the store itself may be what failed; the job's log still has the error
+        log.exception(f"could not record the failure of job {job.num} on parent run {parent_id}")
+
+
+
+
+class MlflowSweepCallback(Callback):
+    """Creates the parent run of a multirun before its jobs, and closes it after them.
+
+    The parent ends FINISHED when every child finished, else FAILED; the failed children are
+    listed with their overrides and errors, and the process exits with status 1.
+    """
+
+    def __init__(self) -> None:
+        self._client: MlflowClient | None = None
+        self._parent_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._client = MlflowClient(resolve_tracking_uri(config.tracking.uri))  # creates/migrates the store
+        experiment_id = get_or_create_experiment(self._client, config.tracking.experiment)
+        name = config.tracking.sweep_name or datetime.now().strftime("sweep-%Y-%m-%d_%H-%M-%S")
+        tags = {
+            ROLE_TAG: "sweep",
+            OVERRIDES_TAG: " ".join(config.hydra.overrides.task),
+            "mlpsweep.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
+        }
+        parent = self._client.create_run(experiment_id, run_name=name, tags=tags)
+        self._parent_id = parent.info.run_id
+        os.environ[PARENT_RUN_ENV] = self._parent_id
+        atexit.register(self._close_if_open)
+        log.info(f"MLflow: sweep {name} is parent run {self._parent_id} in {self._client.tracking_uri}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        assert self._client is not None and self._parent_id is not None
+        parent = self._client.get_run(self._parent_id)
+        children = self._client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self._parent_id}'",
+            max_results=50000,
+        )
+        finished = sum(run.info.status == "FINISHED" for run in children)
+        failures = sorted(
+            (int(key.removeprefix(FAILED_JOB_TAG_PREFIX)), value)
+            for key, value in parent.data.tags.items()
+            if key.startswith(FAILED_JOB_TAG_PREFIX)
+        )
+        unfinished = [run.info.run_name for run in children if run.info.status != "FINISHED"]
+        log.info(f"MLflow: {finished} of {len(children)} tracked jobs finished; sweep run {self._parent_id}")
+        self._close(RunStatus.FAILED if failures or unfinished else RunStatus.FINISHED)
+        if failures:
+            log.error(f"{len(failures)} job(s) failed:")
+            for num, description in failures:
+                log.error(f"  job {num}: {description}")
+        if unfinished:
+            log.error(f"runs that did not finish: {', '.join(unfinished)}")
+        if failures or unfinished:
+            raise SystemExit(1)
+
+    def _close(self, status: int) -> None:
+        assert self._client is not None and self._parent_id is not None
+        self._client.set_terminated(self._parent_id, RunStatus.to_string(status))
+        os.environ.pop(PARENT_RUN_ENV, None)
+        self._parent_id = None
+
+    def _close_if_open(self) -> None:
+        """At exit: a sweep that stopped before on_multirun_end (e.g. a config error) ends FAILED."""
+        if self._parent_id is not None:
+            assert self._client is not None
+            self._client.set_tag(self._parent_id, ERROR_TAG, "the sweep stopped before all of its jobs ran")
+            self._close(RunStatus.FAILED)

@@ -1,0 +1,77 @@
+"""The engine learns, validates in eval mode, is repeatable, and stops on divergence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from mlpsweep.data import load_splits
+from mlpsweep.engine import DivergenceError, build_optimizer, evaluate, fit, seed_everything
+from mlpsweep.model import build_model
+
+
+def fit_tiny(cfg: DictConfig, hook: Callable | None = None) -> tuple[list, torch.nn.Module]:
+    seed_everything(cfg.seed)
+    data = load_splits(cfg.data, torch.device("cpu"))
+    model = build_model(cfg, data.num_features, data.num_classes)
+    if hook is not None:
+        model.register_forward_hook(hook)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    history = fit(model, optimizer, data, cfg.trainer, torch.Generator().manual_seed(cfg.seed))
+    return history, model
+
+
+def test_loss_falls_and_accuracy_rises(tiny_cfg: Callable[..., DictConfig]) -> None:
+    history, _ = fit_tiny(tiny_cfg("trainer.max_epochs=4", "depth.widths=[64,32]"))
+    assert [m.epoch for m in history] == [1, 2, 3, 4]
+    assert history[-1].train_loss < history[0].train_loss / 2
+    assert history[-1].val_acc > 0.9
+    assert all(m.epoch_time_s > 0 for m in history)
+
+
+def test_validation_runs_in_eval_mode_and_training_in_train_mode(tiny_cfg: Callable[..., DictConfig]) -> None:
+    calls: list[tuple[bool, int]] = []
+    cfg = tiny_cfg("dropout=heavy", "norm=batchnorm", "trainer.batch_size=32", "trainer.eval_batch_size=50")
+    fit_tiny(cfg, hook=lambda module, inputs, output: calls.append((module.training, inputs[0].shape[0])))
+    train_calls = [training for training, n in calls if n == 32]
+    eval_calls = [training for training, n in calls if n == 50]
+    assert len(train_calls) == 2 * (540 // 32) and all(train_calls)
+    assert len(eval_calls) == 2 * 2 and not any(eval_calls)
+
+
+def test_evaluation_of_a_dropout_model_is_deterministic(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg("dropout=heavy", "trainer.max_epochs=1")
+    _, model = fit_tiny(cfg)
+    data = load_splits(cfg.data, torch.device("cpu"))
+    loss, acc = evaluate(model, data.val, 50)
+    assert (loss, acc) == evaluate(model, data.val, 50)
+    assert not model.training
+    with torch.no_grad():
+        eval_loss = torch.nn.functional.cross_entropy(model(data.val.x), data.val.y).item()
+        model.train()
+        dropout_loss = torch.nn.functional.cross_entropy(model(data.val.x), data.val.y).item()
+    assert loss == pytest.approx(eval_loss, rel=1e-5)
+    assert dropout_loss != pytest.approx(eval_loss, rel=1e-3)
+
+
+def test_last_partial_batch_is_dropped(tiny_cfg: Callable[..., DictConfig]) -> None:
+    steps: list[int] = []
+    fit_tiny(tiny_cfg("trainer.batch_size=100", "trainer.eval_batch_size=64", "trainer.max_epochs=1"), hook=lambda m, i, o: steps.append(i[0].shape[0]))
+    assert steps.count(100) == 540 // 100  # 5 full batches of 540 images, the last 40 dropped
+
+
+def test_same_seed_gives_the_same_numbers_on_cpu(tiny_cfg: Callable[..., DictConfig]) -> None:
+    first, _ = fit_tiny(tiny_cfg("dropout=lecture", "seed=3"))
+    second, _ = fit_tiny(tiny_cfg("dropout=lecture", "seed=3"))
+    other, _ = fit_tiny(tiny_cfg("dropout=lecture", "seed=4"))
+    strip = lambda history: [(m.train_loss, m.train_acc, m.val_loss, m.val_acc) for m in history]  # noqa: E731
+    assert strip(first) == strip(second)
+    assert strip(first) != strip(other)
+
+
+def test_divergence_stops_training_with_where_it_happened(tiny_cfg: Callable[..., DictConfig]) -> None:
+    with pytest.raises(DivergenceError, match=r"loss diverged to (nan|inf) at epoch 1, step \d+"):
+        fit_tiny(tiny_cfg("optimizer.lr=1e30"))
