@@ -57,18 +57,25 @@ def tiny_mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_mnist(tmp_path_factory.mktemp("tiny_mnist"))
 
 
-def tiny_overrides(data_root: Path, store_dir: Path) -> list[str]:
-    """Overrides that shrink a run to the tiny dataset, two quick epochs and a store in store_dir."""
-    return [
+def tiny_overrides(data_root: Path, store_dir: Path | None = None) -> list[str]:
+    """Overrides that shrink a run to the tiny dataset and two quick epochs.
+
+    With store_dir, the MLflow store is store_dir/mlflow.db; without, the default applies.
+    """
+    overrides = [
         f"data.root={data_root}",
         "data.download=false",
         f"data.val_size={TINY_VAL}",
         "trainer.max_epochs=2",
         "trainer.progress_bar=false",
         "trainer.device=cpu",
-        f"tracking.uri=sqlite:///{store_dir / 'mlflow.db'}",
         "tracking.log_model=false",
     ]
+    return overrides + ([f"tracking.uri={sqlite_uri(store_dir)}"] if store_dir else [])
+
+
+def sqlite_uri(store_dir: Path) -> str:
+    return f"sqlite:///{store_dir / 'mlflow.db'}"
 
 
 def compose_config(overrides: list[str] = ()) -> DictConfig:

@@ -1,0 +1,103 @@
+"""train(cfg) against a real SQLite MLflow store: a complete run, a failed run, no run for bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from conftest import TINY_TRAIN, TINY_VAL, sqlite_uri
+from mlpsweep.cli import train
+from mlpsweep.config import ConfigError
+from mlpsweep.engine import DivergenceError
+from mlpsweep.tracking import ERROR_TAG, artifact_location, flatten, resolve_tracking_uri
+
+
+def only_run(store_dir: Path):
+    client = MlflowClient(sqlite_uri(store_dir))
+    experiment = client.get_experiment_by_name("mlpsweep")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_a_run_logs_params_metrics_config_and_model(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    best_val_acc = train(tiny_cfg("norm=batchnorm", "dropout=lecture", "depth.widths=[64,32]", "tracking.log_model=true"))
+
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "relu-batchnorm-p0.2-64x32-s0"
+    params = run.data.params
+    assert {k: params[k] for k in ("activation", "norm", "dropout", "depth")} == {
+        "activation": "relu",
+        "norm": "batchnorm",
+        "dropout": "0.2",
+        "depth": "64x32",
+    }
+    assert params["trainer.batch_size"] == "32" and params["optimizer.lr"] == "0.1"
+    assert params["depth.widths"] == "[64, 32]" and params["data.val_size"] == str(TINY_VAL)
+    assert params["num_params"] == str((784 * 64 + 64) + 2 * 64 + (64 * 32 + 32) + 2 * 32 + (32 * 10 + 10))
+
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
+    assert best_val_acc == max(m.value for m in client.get_metric_history(run.info.run_id, "val_acc"))
+    assert 0.5 < run.data.metrics["test_acc"] <= 1 and run.data.metrics["test_loss"] > 0
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "overrides.yaml"} <= artifacts
+    assert "val_size: 100" in mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
+    assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+    loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    assert loaded(torch.zeros(3, 784)).shape == (3, 10)
+
+
+def test_a_failing_run_ends_failed_with_the_error(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    with pytest.raises(DivergenceError):
+        train(tiny_cfg("optimizer.lr=1e30"))
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FAILED"
+    assert "DivergenceError: loss diverged" in run.data.tags[ERROR_TAG]
+    assert "traceback.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert client.get_metric_history(run.info.run_id, "train_loss") == []  # no NaN was logged
+
+
+@pytest.mark.parametrize(
+    "override", ["dropout.p=1.5", "trainer.batch_size=0", f"trainer.batch_size={TINY_TRAIN}", "data.root=/nonexistent"]
+)
+def test_bad_input_fails_before_any_run_exists(tiny_cfg: Callable[..., DictConfig], tmp_path: Path, override: str) -> None:
+    with pytest.raises((ConfigError, FileNotFoundError)):
+        train(tiny_cfg(override))
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:///other.db") == "sqlite:///other.db"
+
+
+def test_artifacts_of_a_sqlite_store_sit_beside_it(tmp_path: Path) -> None:
+    assert artifact_location(sqlite_uri(tmp_path)) == (tmp_path / "mlartifacts").as_uri()
+    assert artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_flatten_gives_dotted_keys() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
+
+
+def test_real_mnist_smoke_run(real_mnist_root: Path, tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    train(tiny_cfg(f"data.root={real_mnist_root}", "data.val_size=6000", "data.limit_train=10000", "trainer.max_epochs=1"))
+    _, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_acc"] > 0.9
