@@ -14,7 +14,7 @@ from mlpsweep.data import DataNotFoundError, DataSplits, load_splits, read_idx
 
 
 def data_cfg(root: Path, **changes: object) -> OmegaConf:
-    base = {"name": "mnist", "root": str(root), "download": False, "val_size": 100, "split_seed": 0, "limit_train": None}
+    base = {"name": "mnist", "root": str(root), "download": False, "normalize": True, "val_size": 100, "split_seed": 0, "limit_train": None}
     return OmegaConf.create({**base, **changes})
 
 
@@ -51,6 +51,14 @@ def test_training_images_are_normalised(tiny_mnist_root: Path) -> None:
     assert data.train.x.dtype == torch.float32
     assert abs(data.train.x.mean().item()) < 1e-4
     assert abs(data.train.x.std().item() - 1) < 1e-3
+
+
+def test_without_normalisation_pixels_stay_in_0_1(tiny_mnist_root: Path) -> None:
+    data = load_splits(data_cfg(tiny_mnist_root, normalize=False), torch.device("cpu"))
+    assert (data.mean, data.std) == (0.0, 1.0)
+    assert data.train.x.min() == 0 and data.train.x.max() == 1
+    normalised = load_splits(data_cfg(tiny_mnist_root), torch.device("cpu"))
+    assert source_indices(data.val.x, data) == source_indices(normalised.val.x, normalised)
 
 
 def test_limit_train_keeps_the_first_images_of_the_split(tiny_mnist_root: Path) -> None:

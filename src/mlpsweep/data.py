@@ -1,8 +1,8 @@
 """Load an MNIST-format dataset once into normalised tensors on the training device.
 
 torchvision parses the IDX files (and downloads them when asked); everything after that is
-plain tensor work: a seeded train/validation split, flattening to 784 features, and
-normalisation by the training images' mean and standard deviation.
+plain tensor work: a seeded train/validation split, flattening to 784 features in [0, 1], and
+(by default) normalisation by the training images' mean and standard deviation.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class DataSplits:
     train: Split
     val: Split
     test: Split
-    mean: float
-    std: float
+    mean: float  # what was subtracted from the [0, 1] pixels (0 without normalisation)
+    std: float  # what they were then divided by (1 without normalisation)
 
     @property
     def num_features(self) -> int:
@@ -91,7 +91,7 @@ def load_splits(cfg: DictConfig, device: torch.device) -> DataSplits:
         train_idx = train_idx[: cfg.limit_train]
 
     train_x = _flatten(train_images[train_idx])
-    mean, std = train_x.mean().item(), train_x.std().item()
+    mean, std = (train_x.mean().item(), train_x.std().item()) if cfg.normalize else (0.0, 1.0)
 
     def to_split(x: torch.Tensor, y: torch.Tensor) -> Split:
         return Split(x=x.sub_(mean).div_(std).to(device), y=y.to(device))

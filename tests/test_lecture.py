@@ -1,0 +1,76 @@
+"""The lecture's nine models as presets: exact shapes and parameter counts, and every preset runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+from torch import nn
+
+from conftest import REPO_ROOT, compose_config, sqlite_uri, tiny_overrides
+from mlpsweep.cli import CONFIG_DIR, train
+from mlpsweep.model import build_model, count_parameters
+
+# preset: (Linear shapes (in, out), bias, activation, norm, dropout p, epochs, parameters counted by hand)
+LECTURE = {
+    "one_layer": ([(784, 200), (200, 10)], False, nn.ReLU, None, 0.0, 25, 158_800),
+    "mlp": ([(784, 165), (165, 165), (165, 10)], True, nn.ReLU, None, 0.0, 25, 158_575),
+    "mlp_sigmoid": ([(784, 1024), (1024, 300), (300, 10)], True, nn.Sigmoid, None, 0.0, 10, 1_114_350),
+    "mlp_tanh": ([(784, 1024), (1024, 300), (300, 10)], True, nn.Tanh, None, 0.0, 10, 1_114_350),
+    "mlp_relu": ([(784, 1024), (1024, 300), (300, 10)], True, nn.ReLU, None, 0.0, 10, 1_114_350),
+    "mlp_sigmoid_batchnorm": ([(784, 1024), (1024, 300), (300, 10)], True, nn.Sigmoid, nn.BatchNorm1d, 0.0, 10, 1_116_998),
+    "mlp_relu_batchnorm": ([(784, 1024), (1024, 300), (300, 10)], True, nn.ReLU, nn.BatchNorm1d, 0.0, 10, 1_116_998),
+    "dropout": ([(784, 32), (32, 10)], True, nn.ReLU, None, 0.2, 25, 25_450),
+    "mlp_dropout": ([(784, 165), (165, 165), (165, 10)], True, nn.ReLU, nn.BatchNorm1d, 0.2, 25, 159_235),
+}
+PRESETS = sorted(p.stem for p in (CONFIG_DIR / "lecture").glob("*.yaml") if not p.stem.startswith("_"))
+EXPERIMENTS = sorted(str(p.relative_to(CONFIG_DIR / "experiment").with_suffix("")) for p in (CONFIG_DIR / "experiment").rglob("*.yaml"))
+
+
+def test_there_is_a_preset_per_lecture_model() -> None:
+    assert PRESETS == sorted(LECTURE)
+
+
+@pytest.mark.parametrize("preset", sorted(LECTURE))
+def test_preset_builds_the_lectures_model(preset: str) -> None:
+    shapes, bias, act, norm, p, epochs, num_params = LECTURE[preset]
+    cfg = compose_config([f"lecture={preset}"])
+    model = build_model(cfg, 784, 10)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == shapes
+    assert all((m.bias is not None) == bias for m in linears)
+    for block in list(model.children())[:-1]:
+        layers = list(block.children())
+        assert [type(m) for m in layers] == [nn.Linear] + ([norm] if norm else []) + [act] + ([nn.Dropout] if p else [])
+    assert count_parameters(model) == num_params
+    assert cfg.trainer.max_epochs == epochs
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.trainer.batch_size) == ("sgd", 0.1, 0.0, 32)
+    assert (cfg.data.val_size, cfg.data.normalize) == (6000, False)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_trains_one_tiny_epoch(preset: str, tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg(f"lecture={preset}", "trainer.max_epochs=1")
+    assert 0 <= train(cfg) <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_its_sweep(experiment: str, tiny_mnist_root: Path, tmp_path: Path) -> None:
+    command = [sys.executable, str(REPO_ROOT / "train.py"), f"experiment={experiment}"]
+    command += tiny_overrides(tiny_mnist_root, tmp_path) + ["trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(sqlite_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == len(children) + 1
+    assert all(r.info.status == "FINISHED" for r in runs)
+    expected = {"lecture/bn_ablation": 6, "lecture/all": 9}[experiment]
+    assert len(children) == expected
+    assert len({r.info.run_name for r in children}) == expected
