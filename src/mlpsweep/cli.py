@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
+import time
 from pathlib import Path
 
 import hydra
@@ -15,8 +17,17 @@ from omegaconf import DictConfig
 from mlpsweep import tracking
 from mlpsweep.config import ConfigError, require, validate_config
 from mlpsweep.data import DataNotFoundError, load_splits
-from mlpsweep.engine import EpochMetrics, build_optimizer, evaluate, fit, resolve_device, seed_everything
+from mlpsweep.engine import (
+    EpochMetrics,
+    build_optimizer,
+    confusion_counts,
+    evaluate,
+    fit,
+    resolve_device,
+    seed_everything,
+)
 from mlpsweep.model import build_model, count_parameters
+from mlpsweep.probe import ActivationProbe
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +59,39 @@ def train(cfg: DictConfig) -> float:
     num_params = count_parameters(model)
     log.info(f"{tracking.run_name(cfg)} on {device}, {num_params:,} parameters:\n{model}")
 
-    def on_epoch_end(metrics: EpochMetrics) -> None:
-        log.info(metrics.log_line())
-        tracking.log_epoch(metrics)
+    probe = ActivationProbe(
+        model, data.test.x[: cfg.probe.num_samples], cfg.activation.name, cfg.probe.saturation_margin, cfg.probe.bins
+    )
+    title = tracking.run_name(cfg)
 
-    with tracking.job_run(cfg, num_params):
+    with tracking.job_run(cfg, num_params), tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
+        if probe_log:
+            probe_log(0)  # the distributions at initialisation
+
+        def on_epoch_end(metrics: EpochMetrics) -> None:
+            log.info(metrics.log_line())
+            tracking.log_epoch(metrics)
+            if probe_log:
+                probe_log(metrics.epoch)
+
         history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end)
         test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size)
         log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
         tracking.log_test(test_loss, test_acc)
+        confusion = confusion_counts(model, data.test, cfg.trainer.eval_batch_size, data.num_classes)
+        tracking.log_run_figures(history, confusion, title)
+        if probe_log:
+            probe_log.finish(run_seconds=time.perf_counter() - start)
         if cfg.tracking.log_model:
             tracking.log_model(model, data.test.x[:5])
     return max(m.val_acc for m in history)
+
+
+def figure_epochs(cfg: DictConfig) -> set[int]:
+    """Epoch 0, the last epoch, and every `probe.figure_every`-th epoch in between."""
+    return {0, cfg.trainer.max_epochs, *range(cfg.probe.figure_every, cfg.trainer.max_epochs, cfg.probe.figure_every)}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -52,6 +52,12 @@ def validate_config(cfg: DictConfig) -> None:
     require(limit is None or (_is_int(limit) and limit > 0), "data.limit_train", limit, "null or a positive integer")
     require(_is_int(cfg.seed), "seed", cfg.seed, "an integer")
 
+    for key in ("num_samples", "figure_every", "bins"):
+        value = cfg.probe[key]
+        require(_is_int(value) and value > 0, f"probe.{key}", value, "a positive integer")
+    margin = cfg.probe.saturation_margin
+    require(_is_number(margin) and 0 <= margin < 0.5, "probe.saturation_margin", margin, "a number in [0, 0.5)")
+
 
 def lookup_option(registry: dict[str, Any], group: str, node: DictConfig) -> tuple[Any, dict[str, Any]]:
     """The registry entry named by `node.name` and the node's other keys as keyword arguments."""

@@ -100,6 +100,17 @@ def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, fl
     return loss_sum.item() / len(split), correct.item() / len(split)
 
 
+@torch.inference_mode()
+def confusion_counts(model: nn.Module, split: Split, batch_size: int, num_classes: int) -> torch.Tensor:
+    """[true class, predicted class] counts of `model` in eval mode over a split."""
+    model.eval()
+    counts = torch.zeros(num_classes * num_classes, device=split.x.device, dtype=torch.long)
+    for start in range(0, len(split), batch_size):
+        predicted = model(split.x[start : start + batch_size]).argmax(dim=1)
+        counts += torch.bincount(split.y[start : start + batch_size] * num_classes + predicted, minlength=num_classes**2)
+    return counts.reshape(num_classes, num_classes).cpu()
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -12,13 +12,16 @@ import atexit
 import copy
 import logging
 import os
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import torch
@@ -26,11 +29,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from mlflow.entities import RunStatus
+from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mlpsweep import figures
 from mlpsweep.engine import EpochMetrics
+from mlpsweep.probe import ActivationProbe
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,61 @@ def log_epoch(metrics: EpochMetrics) -> None:
 
 def log_test(test_loss: float, test_acc: float) -> None:
     mlflow.log_metrics({"test_loss": test_loss, "test_acc": test_acc})
+
+
+def log_run_figures(history: Sequence[EpochMetrics], confusion: torch.Tensor, title: str) -> None:
+    """Learning curves, and the test confusion matrix as a figure and as CSV counts."""
+    counts = confusion.numpy()
+    _log_figure(figures.learning_curves(history, title), "learning_curves.png")
+    _log_figure(figures.confusion_matrix(counts, f"{title}: test confusion matrix"), "confusion_matrix.png")
+    header = "true\\predicted," + ",".join(str(c) for c in range(counts.shape[1]))
+    rows = [f"{true}," + ",".join(str(n) for n in row) for true, row in enumerate(counts)]
+    mlflow.log_text("\n".join([header, *rows]) + "\n", "confusion_matrix.csv")
+
+
+def _log_figure(fig: Figure, artifact_file: str) -> None:
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
+class ProbeLog:
+    """Logs an ActivationProbe: metrics every epoch; at `figure_epochs` the grid figure and its
+    histograms; at the end an animated GIF of the figures and the probe's share of the run time."""
+
+    def __init__(self, probe: ActivationProbe, figure_epochs: set[int], title: str, workdir: Path) -> None:
+        self.probe = probe
+        self.figure_epochs = figure_epochs
+        self.title = title
+        self.workdir = workdir
+        self.frames: list[Path] = []
+        self.histograms: dict[int, dict[str, Any]] = {}
+        self.seconds = 0.0
+
+    def __call__(self, epoch: int) -> None:
+        start = time.perf_counter()
+        with_figure = epoch in self.figure_epochs
+        snapshot = self.probe.snapshot(epoch, with_histograms=with_figure)
+        mlflow.log_metrics(snapshot.metrics(), step=epoch)
+        if with_figure:
+            frame = self.workdir / f"epoch_{epoch:03d}.png"
+            fig = figures.probe_grid(snapshot, self.title)
+            fig.savefig(frame, dpi=72)
+            plt.close(fig)
+            mlflow.log_artifact(str(frame), "probe")
+            self.frames.append(frame)
+            self.histograms[epoch] = {name: asdict(layer) for name, layer in snapshot.layers.items()}
+        self.seconds += time.perf_counter() - start
+
+    def finish(self, run_seconds: float) -> None:
+        start = time.perf_counter()
+        mlflow.log_dict(self.histograms, "probe/histograms.json")
+        if len(self.frames) > 1:
+            gif = self.workdir / "activations.gif"
+            figures.save_gif(self.frames, gif)
+            mlflow.log_artifact(str(gif), "probe")
+        self.seconds += time.perf_counter() - start
+        mlflow.log_metrics({"probe_time_s": self.seconds, "probe_time_frac": self.seconds / run_seconds})
+        log.info(f"probe: {self.seconds:.2f}s, {100 * self.seconds / run_seconds:.1f}% of the run")
 
 
 def log_model(model: nn.Module, example: torch.Tensor) -> None:

@@ -1,0 +1,80 @@
+"""Matplotlib figures of one run: learning curves, confusion matrix, the probe's 2x3-style grid."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mlpsweep.engine import EpochMetrics  # noqa: E402
+from mlpsweep.probe import Snapshot  # noqa: E402
+
+STAGE_COLORS = {"linear": "tab:blue", "norm": "tab:orange", "act": "tab:green"}
+
+
+def draw_histogram(ax: plt.Axes, edges: Sequence[float], counts: Sequence[int], label: str, color: str) -> None:
+    """A histogram from precomputed bin edges and counts, as a step outline over a light fill."""
+    ax.stairs(counts, edges, label=label, color=color, fill=True, alpha=0.35)
+    ax.stairs(counts, edges, color=color)
+
+
+def learning_curves(history: Sequence[EpochMetrics], title: str) -> Figure:
+    epochs = [m.epoch for m in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    loss_ax.plot(epochs, [m.train_loss for m in history], "o-", label="train")
+    loss_ax.plot(epochs, [m.val_loss for m in history], "o-", label="validation")
+    acc_ax.plot(epochs, [m.train_acc for m in history], "o-", label="train")
+    acc_ax.plot(epochs, [m.val_acc for m in history], "o-", label="validation")
+    for ax, name in ((loss_ax, "cross-entropy loss"), (acc_ax, "accuracy")):
+        ax.set(xlabel="epoch", ylabel=name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    return fig
+
+
+def confusion_matrix(counts: np.ndarray, title: str) -> Figure:
+    """Rows: true class, columns: predicted class; cells annotated with their counts."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), constrained_layout=True)
+    image = ax.imshow(np.log1p(counts), cmap="Blues")
+    for (true, pred), count in np.ndenumerate(counts):
+        color = "white" if image.norm(np.log1p(count)) > 0.6 else "black"
+        ax.text(pred, true, str(count), ha="center", va="center", fontsize=7, color=color)
+    ax.set(xlabel="predicted", ylabel="true", xticks=range(counts.shape[1]), yticks=range(counts.shape[0]), title=title)
+    return fig
+
+
+def probe_grid(snapshot: Snapshot, title: str) -> Figure:
+    """Per hidden layer: activation-input histogram, activation-output histogram, and pre vs
+    post of one probe image (the lecture's grid: one row per layer, three columns)."""
+    layers = list(snapshot.layers.items())
+    fig, axes = plt.subplots(len(layers), 3, figsize=(12, 3 * len(layers)), squeeze=False)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.88, wspace=0.25, hspace=0.45)
+    for row, (name, layer) in zip(axes, layers):
+        for stage in ("linear", "norm"):
+            if stage in layer.histograms:
+                draw_histogram(row[0], *layer.histograms[stage], label=f"{stage} output", color=STAGE_COLORS[stage])
+        row[0].set(title=f"{name}: pre-activation", ylabel="count")
+        row[0].legend(fontsize=8)
+        draw_histogram(row[1], *layer.histograms["act"], label="activation output", color=STAGE_COLORS["act"])
+        health = {k: v for k, v in layer.stats.items() if k.endswith("_frac")}
+        row[1].set(title=f"{name}: activation " + " ".join(f"({k} {v:.2f})" for k, v in health.items()))
+        row[2].scatter(layer.sample_pre, layer.sample_post, s=4, alpha=0.6, color="tab:purple")
+        row[2].set(title=f"{name}: pre vs post, one image", xlabel="activation input", ylabel="activation output")
+    fig.suptitle(f"{title}, epoch {snapshot.epoch}")
+    return fig
+
+
+def save_gif(frames: Sequence[Path], out: Path, seconds_per_frame: float = 0.8) -> None:
+    """An animated GIF of PNG frames (all resized to the first frame's size)."""
+    images = [Image.open(path).convert("RGB") for path in frames]
+    images = [images[0]] + [image.resize(images[0].size) for image in images[1:]]
+    images[0].save(out, save_all=True, append_images=images[1:], duration=int(seconds_per_frame * 1000), loop=0)

@@ -1,0 +1,115 @@
+"""Look inside the network: the distributions inside every hidden block on a fixed probe set.
+
+For each hidden block the probe captures, with forward hooks registered only while it runs
+(the model's forward is untouched and training pays nothing), the Linear output, the
+normalised output where there is a norm, and the activation output. From them it computes
+per-layer statistics and a health figure that fits the activation:
+
+- sigmoid / tanh: the saturated fraction, outputs within `margin` of the activation's bounds;
+- ReLU-like: the dead fraction, units whose activation input is <= 0 on every probe image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+SATURATING_BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
+RELU_LIKE = {"relu", "leaky_relu", "elu", "gelu", "silu"}
+STAGES = ("linear", "norm", "act")
+
+
+@dataclass
+class LayerSnapshot:
+    """What one hidden block produced on the probe set, as per-layer numbers and histograms."""
+
+    stats: dict[str, float]  # e.g. linear_mean, act_std, saturated_frac
+    histograms: dict[str, tuple[list[float], list[int]]]  # stage -> (bin edges, counts)
+    sample_pre: list[float]  # activation input of the first probe image
+    sample_post: list[float]  # activation output of the first probe image
+
+
+@dataclass
+class Snapshot:
+    epoch: int
+    layers: dict[str, LayerSnapshot] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat MLflow metrics, e.g. probe/hidden1/act_std."""
+        return {f"probe/{layer}/{key}": value for layer, snap in self.layers.items() for key, value in snap.stats.items()}
+
+
+def health_metric(activation: str) -> str | None:
+    """The name of the health figure logged for `activation` (None when none fits)."""
+    if activation in SATURATING_BOUNDS:
+        return "saturated_frac"
+    return "dead_frac" if activation in RELU_LIKE else None
+
+
+def _histogram(values: torch.Tensor, bins: int) -> tuple[list[float], list[int]]:
+    values = values.flatten().float()
+    low, high = values.min().item(), values.max().item()
+    if high <= low:
+        high = low + 1e-6
+    counts = torch.histc(values, bins=bins, min=low, max=high)
+    edges = torch.linspace(low, high, bins + 1)
+    return edges.tolist(), [int(c) for c in counts.tolist()]
+
+
+class ActivationProbe:
+    """Captures the hidden blocks of a model built by `mlpsweep.model.build_model`."""
+
+    def __init__(self, model: nn.Sequential, x: torch.Tensor, activation: str, margin: float = 0.03, bins: int = 60):
+        self.model = model
+        self.x = x
+        self.activation = activation
+        self.margin = margin
+        self.bins = bins
+        self.blocks = {name: block for name, block in model.named_children() if name.startswith("hidden")}
+
+    @torch.inference_mode()
+    def _capture(self) -> dict[str, dict[str, torch.Tensor]]:
+        outputs: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.blocks}
+        handles = []
+        for name, block in self.blocks.items():
+            for stage in STAGES:
+                if hasattr(block, stage):
+                    store = outputs[name]
+                    hook = lambda module, inputs, output, store=store, stage=stage: store.__setitem__(stage, output)  # noqa: E731
+                    handles.append(getattr(block, stage).register_forward_hook(hook))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model(self.x)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.model.train(was_training)
+        return outputs
+
+    def snapshot(self, epoch: int, with_histograms: bool) -> Snapshot:
+        """Statistics of every hidden block (and histograms when asked) at `epoch`."""
+        snapshot = Snapshot(epoch)
+        for name, stages in self._capture().items():
+            pre = stages.get("norm", stages["linear"])  # what enters the activation
+            post = stages["act"]
+            stats = {}
+            for stage, values in stages.items():
+                std, mean = torch.std_mean(values)
+                stats[f"{stage}_mean"], stats[f"{stage}_std"] = mean.item(), std.item()
+            if self.activation in SATURATING_BOUNDS:
+                low, high = SATURATING_BOUNDS[self.activation]
+                saturated = (post < low + self.margin) | (post > high - self.margin)
+                stats["saturated_frac"] = saturated.float().mean().item()
+            elif self.activation in RELU_LIKE:
+                stats["dead_frac"] = (pre <= 0).all(dim=0).float().mean().item()
+            histograms = {stage: _histogram(values, self.bins) for stage, values in stages.items()} if with_histograms else {}
+            snapshot.layers[name] = LayerSnapshot(
+                stats=stats,
+                histograms=histograms,
+                sample_pre=pre[0].tolist() if with_histograms else [],
+                sample_post=post[0].tolist() if with_histograms else [],
+            )
+        return snapshot

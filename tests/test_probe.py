@@ -1,0 +1,95 @@
+"""The probe sees inside every hidden block: statistics, saturation, dead units, figures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from conftest import TINY_TEST, compose_config, sqlite_uri
+from mlpsweep.cli import train
+from mlpsweep.model import build_model
+from mlpsweep.probe import ActivationProbe
+
+PROBE_X = torch.randn(200, 784, generator=torch.Generator().manual_seed(0))
+
+
+def probe_for(*overrides: str) -> tuple[torch.nn.Sequential, ActivationProbe]:
+    cfg = compose_config(["depth.widths=[64,32]", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg, 784, 10)
+    return model, ActivationProbe(model, PROBE_X, cfg.activation.name)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_huge_weights_saturate_a_sigmoid_or_tanh_layer(activation: str) -> None:
+    model, probe = probe_for(f"activation={activation}")
+    healthy = probe.snapshot(0, with_histograms=False).layers["hidden1"].stats["saturated_frac"]
+    with torch.no_grad():
+        model.hidden1.linear.weight.mul_(1000)
+    saturated = probe.snapshot(1, with_histograms=False).layers["hidden1"].stats["saturated_frac"]
+    assert healthy < 0.2 and saturated > 0.95
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "gelu"])
+def test_a_large_negative_bias_kills_every_unit_of_a_relu_layer(activation: str) -> None:
+    model, probe = probe_for(f"activation={activation}", "norm=none")
+    assert probe.snapshot(0, with_histograms=False).layers["hidden2"].stats["dead_frac"] < 0.5
+    with torch.no_grad():
+        model.hidden2.linear.bias.fill_(-1e4)
+    stats = probe.snapshot(1, with_histograms=False).layers
+    assert stats["hidden2"].stats["dead_frac"] == 1.0
+    assert stats["hidden1"].stats["dead_frac"] < 0.5
+
+
+def test_every_stage_of_every_layer_is_captured_without_touching_the_model() -> None:
+    model, probe = probe_for("norm=batchnorm", "dropout=heavy")
+    model.train()
+    snapshot = probe.snapshot(3, with_histograms=True)
+    assert model.training and not any(m._forward_hooks for m in model.modules())
+    assert set(snapshot.layers) == {"hidden1", "hidden2"}
+    for name, width in (("hidden1", 64), ("hidden2", 32)):
+        layer = snapshot.layers[name]
+        assert set(layer.histograms) == {"linear", "norm", "act"}
+        assert sum(layer.histograms["act"][1]) == 200 * width
+        assert len(layer.sample_pre) == len(layer.sample_post) == width
+        assert {f"{s}_{k}" for s in ("linear", "norm", "act") for k in ("mean", "std")} | {"dead_frac"} == set(layer.stats)
+    assert snapshot.metrics()["probe/hidden2/norm_std"] == snapshot.layers["hidden2"].stats["norm_std"]
+
+
+def test_a_run_logs_probe_metrics_every_epoch_and_its_figures(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    train(tiny_cfg("activation=sigmoid", "depth.widths=[64,32]", "trainer.max_epochs=3", "probe.figure_every=2"))
+    client = MlflowClient(sqlite_uri(tmp_path))
+    run = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])[0]
+    for layer in ("hidden1", "hidden2"):
+        for key in ("linear_mean", "linear_std", "act_mean", "act_std", "saturated_frac"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, f"probe/{layer}/{key}")]
+            assert steps == [0, 1, 2, 3]
+    assert 0 < run.data.metrics["probe_time_frac"] < 1
+
+    probe_files = {a.path for a in client.list_artifacts(run.info.run_id, "probe")}
+    assert probe_files == {f"probe/epoch_00{e}.png" for e in (0, 2, 3)} | {"probe/activations.gif", "probe/histograms.json"}
+    histograms = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/probe/histograms.json"))
+    assert sorted(histograms) == ["0", "2", "3"] and set(histograms["3"]) == {"hidden1", "hidden2"}
+
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"learning_curves.png", "confusion_matrix.png", "confusion_matrix.csv"} <= files
+    rows = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/confusion_matrix.csv").splitlines()
+    counts = [[int(n) for n in row.split(",")[1:]] for row in rows[1:]]
+    assert len(counts) == 10 and sum(map(sum, counts)) == TINY_TEST
+    correct = sum(counts[i][i] for i in range(10))
+    assert correct / TINY_TEST == pytest.approx(run.data.metrics["test_acc"])
+
+
+def test_probing_can_be_switched_off(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    train(tiny_cfg("probe.enabled=false"))
+    client = MlflowClient(sqlite_uri(tmp_path))
+    run = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])[0]
+    assert not [key for key in run.data.metrics if key.startswith("probe")]
+    assert not client.list_artifacts(run.info.run_id, "probe")
