@@ -1,0 +1,166 @@
+"""The report: seed statistics checked by hand on a store with known values, and a real sweep end to end."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
+from mlpsweep.report import config_summary, effect_sentence, effects, find_sweep, load_sweep, pivot, write_report
+from mlpsweep.stats import summarize, welch_difference
+from mlpsweep.tracking import ERROR_TAG, FAILED_JOB_TAG_PREFIX, ROLE_TAG, get_or_create_experiment
+
+# test accuracy by (activation, norm) over seeds 0, 1, 2
+KNOWN = {
+    ("sigmoid", "none"): [0.90, 0.91, 0.92],
+    ("sigmoid", "batchnorm"): [0.95, 0.96, 0.97],
+    ("relu", "none"): [0.970, 0.975, 0.980],
+    ("relu", "batchnorm"): [0.972, 0.977, 0.982],
+}
+
+
+def fill_store(tmp_path: Path) -> MlflowClient:
+    """A sweep of 12 finished runs with the KNOWN accuracies, one diverged run and one pre-run failure."""
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment_id = get_or_create_experiment(client, "mlpsweep")
+    parent = client.create_run(experiment_id, run_name="known-sweep", tags={ROLE_TAG: "sweep"})
+    parent_id = parent.info.run_id
+    client.set_tag(parent_id, f"{FAILED_JOB_TAG_PREFIX}13", "[dropout.p=1.5] ConfigError: dropout.p=1.5: must be a probability in [0, 1)")
+
+    def child(name: str, activation: str, norm: str, seed: int, status: str) -> str:
+        run = client.create_run(experiment_id, run_name=name, tags={ROLE_TAG: "job", "mlflow.parentRunId": parent_id})
+        params = {"activation": activation, "norm": norm, "dropout": "0", "depth": "1024x300", "seed": str(seed), "num_params": "1000"}
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, value)
+        return run.info.run_id
+
+    for (activation, norm), accs in KNOWN.items():
+        for seed, acc in enumerate(accs):
+            run_id = child(f"{activation}-{norm}-s{seed}", activation, norm, seed, "FINISHED")
+            for epoch, val_acc in enumerate([acc - 0.02, acc - 0.01], start=1):
+                for key, value in (("val_acc", val_acc), ("train_acc", val_acc + 0.01), ("val_loss", 0.3), ("train_loss", 0.2), ("epoch_time_s", 2.0)):
+                    client.log_metric(run_id, key, value, step=epoch)
+            client.log_metric(run_id, "test_acc", acc)
+            client.log_metric(run_id, "test_loss", 1 - acc)
+            client.set_terminated(run_id, "FINISHED")
+    diverged = child("relu-none-lr-huge", "relu", "none", 3, "FAILED")
+    client.set_tag(diverged, ERROR_TAG, "DivergenceError: loss diverged to nan at epoch 1, step 7")
+    client.set_terminated(diverged, "FAILED")
+    client.set_terminated(parent_id, "FAILED")
+    return client
+
+
+@pytest.fixture
+def known_sweep(tmp_path: Path):
+    client = fill_store(tmp_path)
+    return client, load_sweep(client, find_sweep(client, client.get_experiment_by_name("mlpsweep").experiment_id, None))
+
+
+def test_summaries_match_numbers_computed_by_hand() -> None:
+    # mean 0.91, s = 0.01, t(0.975, 2) = 4.302653 -> half width 4.302653 * 0.01 / sqrt(3) = 0.024841
+    summary = summarize([0.90, 0.91, 0.92])
+    assert (summary.n, summary.mean, summary.std) == (3, pytest.approx(0.91), pytest.approx(0.01))
+    assert (summary.low, summary.high) == (pytest.approx(0.885159, abs=1e-6), pytest.approx(0.934841, abs=1e-6))
+    # equal variances and sizes: Welch df = 4, se = sqrt(2 * 0.01^2 / 3) = 0.0081650, t(0.975, 4) = 2.776445
+    diff = welch_difference([0.95, 0.96, 0.97], [0.90, 0.91, 0.92])
+    assert diff.estimate == pytest.approx(0.05)
+    assert (diff.low, diff.high) == (pytest.approx(0.027330, abs=1e-6), pytest.approx(0.072670, abs=1e-6))
+    assert not diff.includes_zero
+    # unequal variances: s_b^2 = 0.00045, se^2 = 0.0001/3 + 0.00045/2 = 2.58333e-4 (se 0.0160728),
+    # df = se^4 / ((0.0001/3)^2 / 2 + (0.00045/2)^2 / 1) = 1.30393, t(0.975, 1.30393) = 7.4623
+    uneven = welch_difference([0.90, 0.91, 0.92], [0.88, 0.91])
+    assert uneven.estimate == pytest.approx(0.015)
+    assert uneven.high - uneven.estimate == pytest.approx(7.4623 * 0.0160728, rel=1e-4)
+
+
+def test_seed_aggregation_and_effects_of_a_known_store(known_sweep) -> None:
+    _, sweep = known_sweep
+    assert sweep.axes == ["activation", "norm"] and sweep.has_seeds
+    assert len(sweep.runs) == 13 and len(sweep.finished) == 12
+
+    summary = config_summary(sweep).set_index("config")
+    assert summary.loc["sigmoid / none", "n"] == 3
+    assert summary.loc["sigmoid / none", "test_acc"] == "0.9100 ± 0.0100 [0.8852, 0.9348]"
+
+    found = {(e["axis"], e["value"], e["context"]): e for e in effects(sweep, baselines={})}
+    bn_sigmoid = found[("norm", "batchnorm", "activation=sigmoid")]
+    assert (bn_sigmoid["effect_pp"], bn_sigmoid["low_pp"], bn_sigmoid["high_pp"]) == (
+        pytest.approx(5.0), pytest.approx(2.7330, abs=1e-4), pytest.approx(7.2670, abs=1e-4)
+    )
+    assert effect_sentence(bn_sigmoid) == "batchnorm vs none, with activation=sigmoid: +5.0 pp [2.7, 7.3]"
+    # relu: +0.2 pp, s = 0.005 each, half width 2.776445 * sqrt(2 * 0.005^2 / 3) = 1.13 pp
+    bn_relu = found[("norm", "batchnorm", "activation=relu")]
+    assert bn_relu["includes_zero"] and bn_relu["low_pp"] == pytest.approx(-0.9335, abs=1e-4)
+    assert effect_sentence(bn_relu).endswith("includes zero: not distinguishable from seed noise")
+    relu_vs_sigmoid = found[("activation", "relu", "norm=none")]
+    assert relu_vs_sigmoid["effect_pp"] == pytest.approx(6.5) and relu_vs_sigmoid["baseline"] == "sigmoid"
+
+    table = pivot(sweep, "activation", "norm")
+    assert table.shape == (2, 2) and list(table.index) == ["sigmoid", "relu"] and list(table.columns) == ["none", "batchnorm"]
+    assert table.loc["sigmoid", "batchnorm"] == "0.9600 ± 0.0100"
+
+
+def test_report_files_of_a_known_store(known_sweep, tmp_path: Path) -> None:
+    client, sweep = known_sweep
+    out = write_report(client, sweep, tmp_path / "reports", baselines={"activation": "relu"})
+    assert out == tmp_path / "reports" / "known-sweep"
+    markdown = (out / "report.md").read_text()
+    assert "sigmoid vs relu, with norm=none: -6.5 pp" in markdown  # the baseline option
+    assert "relu-none-lr-huge (FAILED)" in markdown and "loss diverged to nan at epoch 1, step 7" in markdown
+    assert "job 13: [dropout.p=1.5] ConfigError" in markdown
+    assert len(pd.read_csv(out / "runs.csv")) == 13
+    logged = {a.path for a in client.list_artifacts(sweep.parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/runs.csv"} <= logged
+
+
+def test_a_sweep_of_one_run(tmp_path: Path) -> None:
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment_id = get_or_create_experiment(client, "mlpsweep")
+    parent = client.create_run(experiment_id, run_name="single", tags={ROLE_TAG: "sweep"})
+    run = client.create_run(experiment_id, run_name="relu-none-p0-64-s0", tags={"mlflow.parentRunId": parent.info.run_id})
+    for key, value in {"activation": "relu", "norm": "none", "dropout": "0", "depth": "64", "seed": "0"}.items():
+        client.log_param(run.info.run_id, key, value)
+    client.log_metric(run.info.run_id, "val_acc", 0.9, step=1)
+    client.log_metric(run.info.run_id, "test_acc", 0.91)
+    client.set_terminated(run.info.run_id)
+    sweep = load_sweep(client, find_sweep(client, experiment_id, "single"))
+    out = write_report(client, sweep, tmp_path / "reports", baselines={})
+    assert "Swept axes: none" in (out / "report.md").read_text()
+    assert (out / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    sweep = [
+        "activation=sigmoid,relu", "norm=none,batchnorm", "seed=0,1", "dropout.p=0.0,1.5",
+        "depth.widths=[64,32]", f"hydra.sweep.dir={tmp_path / 'multirun'}", "tracking.sweep_name=real-sweep",
+    ]  # fmt: skip
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--multirun", *tiny_overrides(tiny_mnist_root, tmp_path), *sweep]
+    trained = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 1, trained.stderr[-3000:]  # the dropout.p=1.5 jobs fail
+
+    report = [sys.executable, str(REPO_ROOT / "report.py"), "--tracking-uri", sqlite_uri(tmp_path), "--out", str(tmp_path / "reports")]
+    result = subprocess.run(report, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "reports" / "real-sweep"
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "runs.csv", "figures"}
+    assert {p.stem for p in (out / "figures").iterdir()} == {
+        "marginal_activation", "marginal_norm", "learning_curves", "generalization_gap",
+        "activation_histograms", "probe_health", "confusion_best",
+    }  # fmt: skip
+    assert len(pd.read_csv(out / "runs.csv")) == 8
+
+    markdown = (out / "report.md").read_text()
+    pivot_rows = re.search(r"activation x norm:\n\n((?:\|.*\n)+)", markdown).group(1).strip().splitlines()
+    assert pivot_rows[0] == "| activation | none | batchnorm |" and len(pivot_rows) == 2 + 2
+    assert re.search(r"batchnorm vs none, with activation=sigmoid: [+-]\d+\.\d pp \[-?\d+\.\d, -?\d+\.\d\]", markdown)
+    assert len(re.findall(r"^- job \d+: \[.*dropout\.p=1\.5.*\] ConfigError", markdown, re.M)) == 8
+
+    page = (out / "report.html").read_text()
+    assert page.count("<img src=\"data:image/png;base64,") == 7 and "figures/" not in page
