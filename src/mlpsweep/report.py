@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -103,6 +104,13 @@ def _value_key(axis: str):
 
 def ordered_values(runs: pd.DataFrame, axis: str) -> list:
     return sorted(runs[axis].unique(), key=_value_key(axis))
+
+
+def sort_by_axes(runs: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
+    """Rows in the order of their axes' values (e.g. sigmoid before tanh before relu)."""
+    keys = [_value_key(a) for a in axes]
+    order = sorted(range(len(runs)), key=lambda i: tuple(k(runs[a].iloc[i]) for k, a in zip(keys, axes)))
+    return runs.iloc[order]
 
 
 def swept_axes(runs: pd.DataFrame, params: pd.DataFrame) -> list[str]:
@@ -321,7 +329,7 @@ def gap_figure(sweep: Sweep) -> Figure:
 def representatives(sweep: Sweep) -> pd.DataFrame:
     """One run per config (its lowest seed) with probe data, in leaderboard order of configs."""
     runs = sweep.finished[[bool(sweep.histograms.get(r)) for r in sweep.finished.run_id]]
-    return runs.sort_values("seed").drop_duplicates("config").sort_values("config")
+    return sort_by_axes(runs.sort_values("seed").drop_duplicates("config"), sweep.axes)
 
 
 def histograms_figure(sweep: Sweep) -> Figure | None:
@@ -363,8 +371,9 @@ def health_figure(sweep: Sweep) -> Figure | None:
             if k == key:
                 ax.plot(values.index, values, "o-", ms=3, color=colors[config], label=config)
         ax.set(xlabel="epoch", ylabel="fraction", title=key, ylim=(-0.02, 1.02))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     return fig
 
 
