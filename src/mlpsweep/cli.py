@@ -21,6 +21,7 @@ from mlpsweep.engine import (
     EpochMetrics,
     build_optimizer,
     confusion_counts,
+    cpu_threads,
     evaluate,
     fit,
     resolve_device,
@@ -45,6 +46,7 @@ def train(cfg: DictConfig) -> float:
     """
     validate_config(cfg)
     device = resolve_device(cfg.trainer.device)
+    torch.set_num_threads(cpu_threads(cfg.trainer.num_threads, parallel_jobs()))
     seed_everything(cfg.seed)
     data = load_splits(cfg.data, device)
     require(
@@ -57,7 +59,7 @@ def train(cfg: DictConfig) -> float:
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     num_params = count_parameters(model)
-    log.info(f"{tracking.run_name(cfg)} on {device}, {num_params:,} parameters:\n{model}")
+    log.info(f"{tracking.run_name(cfg)} on {device} ({torch.get_num_threads()} CPU threads), {num_params:,} parameters:\n{model}")
 
     probe = ActivationProbe(
         model, data.test.x[: cfg.probe.num_samples], cfg.activation.name, cfg.probe.saturation_margin, cfg.probe.bins
@@ -87,6 +89,13 @@ def train(cfg: DictConfig) -> float:
         if cfg.tracking.log_model:
             tracking.log_model(model, data.test.x[:5])
     return max(m.val_acc for m in history)
+
+
+def parallel_jobs() -> int | None:
+    """How many jobs a parallel launcher runs at once (its n_jobs); None outside one."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().launcher.get("n_jobs")
 
 
 def figure_epochs(cfg: DictConfig) -> set[int]:

@@ -40,6 +40,8 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("max_epochs", "batch_size", "eval_batch_size"):
         value = cfg.trainer[key]
         require(_is_int(value) and value > 0, f"trainer.{key}", value, "a positive integer")
+    threads = cfg.trainer.num_threads
+    require(threads is None or (_is_int(threads) and threads > 0), "trainer.num_threads", threads, "null or a positive integer")
     bar = cfg.trainer.progress_bar
     require(bar in ("auto", True, False), "trainer.progress_bar", bar, "one of auto, true, false")
 

@@ -8,6 +8,7 @@ so a CUDA epoch has no host synchronisation inside it.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -71,6 +72,16 @@ def resolve_device(spec: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"trainer.device={spec!r}: must be auto, cpu, cuda or cuda:N")
     return device
+
+
+def cpu_threads(requested: int | None, parallel_jobs: int | None) -> int:
+    """Torch CPU threads for one job: as requested, else the cores split between parallel jobs."""
+    if requested:
+        return requested
+    cores = os.cpu_count() or 1
+    if parallel_jobs is None or parallel_jobs < 1:  # joblib's n_jobs=-1: one job per core
+        parallel_jobs = cores if parallel_jobs is not None else 1
+    return max(1, cores // parallel_jobs)
 
 
 def seed_everything(seed: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import fcntl
 import logging
 import os
 import time
@@ -108,6 +109,30 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
 
 
+@contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """For a SQLite store, an exclusive lock on `<database>.lock`: processes that meet a fresh
+    store would otherwise race its schema migration and the experiment's creation."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prepare_store(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str]:
+    """A client of the store (created and migrated if new) and the experiment's id (created if new)."""
+    with _store_lock(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        return client, get_or_create_experiment(client, experiment)
+
+
 def log_epoch(metrics: EpochMetrics) -> None:
     mlflow.log_metrics(metrics.metrics(), step=metrics.epoch)
 
@@ -189,8 +214,8 @@ def job_run(cfg: DictConfig, num_params: int) -> Iterator[mlflow.ActiveRun]:
     FAILED, with the error as a tag and the traceback as an artifact, and propagates.
     """
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+    _, experiment_id = prepare_store(tracking_uri, cfg.tracking.experiment)
     mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = get_or_create_experiment(MlflowClient(tracking_uri), cfg.tracking.experiment)
     overrides = _task_overrides()
     tags = {ROLE_TAG: "job", OVERRIDES_TAG: " ".join(overrides)}
     with mlflow.start_run(
@@ -243,8 +268,7 @@ class MlflowSweepCallback(Callback):
         self._parent_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._client = MlflowClient(resolve_tracking_uri(config.tracking.uri))  # creates/migrates the store
-        experiment_id = get_or_create_experiment(self._client, config.tracking.experiment)
+        self._client, experiment_id = prepare_store(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
         name = config.tracking.sweep_name or datetime.now().strftime("sweep-%Y-%m-%d_%H-%M-%S")
         tags = {
             ROLE_TAG: "sweep",

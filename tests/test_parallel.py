@@ -1,0 +1,77 @@
+"""Parallel sweeps with Hydra's joblib launcher against a fresh SQLite store: no race, no lost run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
+from mlpsweep.tracking import ROLE_TAG
+
+pytestmark = pytest.mark.slow
+RACE_ERRORS = ("database is locked", "duplicate column", "already exists")
+
+
+def sweep_command(data_root: Path, store_dir: Path, sweep_dir: Path, n_jobs: int, seeds: str) -> list[str]:
+    return [
+        sys.executable, str(REPO_ROOT / "train.py"), "--multirun",
+        *tiny_overrides(data_root, store_dir), "depth.widths=[32]", "probe.figure_every=10",
+        "activation=sigmoid,relu", "norm=none,batchnorm", f"seed={seeds}",
+        "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}", f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
+
+
+def all_output(result: subprocess.CompletedProcess, sweep_dir: Path) -> str:
+    """What the launcher printed and every job's log file."""
+    logs = [path.read_text() for path in sweep_dir.rglob("*.log")]
+    return "\n".join([result.stdout, result.stderr, *logs])
+
+
+def check_store(store_dir: Path, parents: int, children_per_parent: int) -> None:
+    client = MlflowClient(sqlite_uri(store_dir))
+    experiments = [e for e in client.search_experiments() if e.name != "Default"]  # MLflow's own, made with the store
+    assert [e.name for e in experiments] == ["mlpsweep"]
+    runs = client.search_runs([experiments[0].experiment_id], max_results=1000)
+    sweep_runs = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
+    assert len(sweep_runs) == parents and all(r.info.status == "FINISHED" for r in sweep_runs)
+    for parent in sweep_runs:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == children_per_parent
+        for child in children:
+            assert child.info.status == "FINISHED"
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1, 2]
+            assert "test_acc" in child.data.metrics
+    assert len(runs) == parents * (children_per_parent + 1)
+
+
+@pytest.mark.parametrize(("seeds", "n_jobs"), [("0,1", 4), ("0,1,2,3", 8)], ids=["8_jobs_4_parallel", "16_jobs_8_parallel"])
+def test_parallel_sweep_on_a_fresh_store(tiny_mnist_root: Path, tmp_path: Path, seeds: str, n_jobs: int) -> None:
+    store = tmp_path / "store"  # does not exist yet: the sweep creates it
+    sweep_dir = tmp_path / "multirun"
+    result = subprocess.run(
+        sweep_command(tiny_mnist_root, store, sweep_dir, n_jobs, seeds), cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
+    output = all_output(result, sweep_dir)
+    assert result.returncode == 0, output[-3000:]
+    assert not [e for e in RACE_ERRORS if e in output]
+    check_store(store, parents=1, children_per_parent=4 * len(seeds.split(",")))
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    job_logs = "".join(path.read_text() for path in sweep_dir.rglob("*.log"))
+    assert job_logs.count(f"({threads} CPU threads)") == 4 * len(seeds.split(","))
+
+
+def test_two_sweeps_started_together_into_one_fresh_store(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    commands = [sweep_command(tiny_mnist_root, store, tmp_path / f"multirun{i}", 2, "0") for i in (1, 2)]
+    processes = [subprocess.Popen(c, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    for i, process in enumerate(processes, start=1):
+        stdout, stderr = process.communicate(timeout=900)
+        output = all_output(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), tmp_path / f"multirun{i}")
+        assert process.returncode == 0, output[-3000:]
+        assert not [e for e in RACE_ERRORS if e in output]
+    check_store(store, parents=2, children_per_parent=4)
