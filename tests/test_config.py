@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_config
 from hydra.errors import MissingConfigException
 
-from conftest import compose_config
 from mlpsweep.cli import CONFIG_DIR
 from mlpsweep.config import ConfigError, validate_config
 from mlpsweep.engine import resolve_device

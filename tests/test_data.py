@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TEST, TINY_TRAIN, write_tiny_mnist
 from omegaconf import OmegaConf
 
-from conftest import TINY_TEST, TINY_TRAIN, write_tiny_mnist
 from mlpsweep.config import ConfigError
-from mlpsweep.data import DataNotFoundError, DataSplits, load_splits, read_idx
+from mlpsweep.data import DataError, DataSplits, load_splits, read_idx
 
 
 def data_cfg(root: Path, **changes: object) -> OmegaConf:
@@ -75,7 +75,7 @@ def test_other_mnist_format_datasets_read_their_own_folder(tmp_path: Path) -> No
 
 
 def test_missing_data_says_where_it_looked_and_how_to_fix_it(tmp_path: Path) -> None:
-    with pytest.raises(DataNotFoundError) as err:
+    with pytest.raises(DataError) as err:
         load_splits(data_cfg(tmp_path / "nowhere"), torch.device("cpu"))
     message = str(err.value)
     assert "data.root=" in message and str(tmp_path / "nowhere" / "MNIST" / "raw") in message

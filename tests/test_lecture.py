@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, compose_config, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from torch import nn
 
-from conftest import REPO_ROOT, compose_config, sqlite_uri, tiny_overrides
 from mlpsweep.cli import CONFIG_DIR, train
 from mlpsweep.model import build_model, count_parameters
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_config
 from torch import nn
 
-from conftest import compose_config
 from mlpsweep.cli import CONFIG_DIR
 from mlpsweep.model import ACTIVATIONS, build_model, count_parameters
 

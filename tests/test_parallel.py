@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
 from mlpsweep.tracking import ROLE_TAG
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import TINY_TEST, compose_config, sqlite_uri
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from conftest import TINY_TEST, compose_config, sqlite_uri
 from mlpsweep.cli import train
 from mlpsweep.model import build_model
 from mlpsweep.probe import ActivationProbe

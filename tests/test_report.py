@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
 from mlpsweep.report import config_summary, effect_sentence, effects, find_sweep, load_sweep, pivot, write_report
 from mlpsweep.stats import summarize, welch_difference
 from mlpsweep.tracking import ERROR_TAG, FAILED_JOB_TAG_PREFIX, ROLE_TAG, get_or_create_experiment

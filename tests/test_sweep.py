@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
 from mlpsweep.tracking import FAILED_JOB_TAG_PREFIX, ROLE_TAG
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mlpsweep import tracking
-from mlpsweep.config import ConfigError, require, validate_config
-from mlpsweep.data import DataNotFoundError, load_splits
+from mlpsweep.checks import INPUT_ERRORS, check_inputs
+from mlpsweep.config import require
+from mlpsweep.data import load_splits
 from mlpsweep.engine import (
     EpochMetrics,
     build_optimizer,
@@ -24,7 +25,6 @@ from mlpsweep.engine import (
     cpu_threads,
     evaluate,
     fit,
-    resolve_device,
     seed_everything,
 )
 from mlpsweep.model import build_model, count_parameters
@@ -35,17 +35,14 @@ log = logging.getLogger(__name__)
 # conf/ at the repository root (the package is installed editable from the repository)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
-# Errors in what the user asked for: reported in one line, without a traceback.
-INPUT_ERRORS = (ConfigError, DataNotFoundError)
-
 
 def train(cfg: DictConfig) -> float:
     """Train and test the model `cfg` describes, tracked in MLflow; return the best validation accuracy.
 
-    Everything that can be wrong with the input is checked before the MLflow run starts.
+    Everything that can be wrong with the input is checked before the MLflow run starts; errors
+    in the input raise ConfigError or DataError (`checks.INPUT_ERRORS`).
     """
-    validate_config(cfg)
-    device = resolve_device(cfg.trainer.device)
+    device = check_inputs(cfg)
     torch.set_num_threads(cpu_threads(cfg.trainer.num_threads, parallel_jobs()))
     seed_everything(cfg.seed)
     data = load_splits(cfg.data, device)

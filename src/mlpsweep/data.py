@@ -7,6 +7,8 @@ plain tensor work: a seeded train/validation split, flattening to 784 features i
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +26,16 @@ DATASETS: dict[str, type[datasets.MNIST]] = {
 NUM_CLASSES = 10
 
 
-class DataNotFoundError(FileNotFoundError):
-    """The IDX files are not where the config says and may not be downloaded."""
+class DataError(FileNotFoundError):
+    """The IDX files are missing (and may not be downloaded) or cannot be read."""
+
+
+IDX_FILES = {  # file name: (magic number, number of dimensions)
+    "train-images-idx3-ubyte": (0x00000803, 3),
+    "train-labels-idx1-ubyte": (0x00000801, 1),
+    "t10k-images-idx3-ubyte": (0x00000803, 3),
+    "t10k-labels-idx1-ubyte": (0x00000801, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -56,20 +66,48 @@ class DataSplits:
         return NUM_CLASSES
 
 
+def raw_folder(name: str, root: str | Path) -> Path:
+    return Path(root) / DATASETS[name].__name__ / "raw"
+
+
+def _hint(name: str, root: str | Path) -> str:
+    return (
+        f"data.root={str(root)!r}: point MNIST_ROOT (or data.root) at the folder that contains "
+        f"{DATASETS[name].__name__}/raw/"
+    )
+
+
+def _is_complete_idx(path: Path, magic: int, dims: int) -> bool:
+    """The header's magic number is right and its sizes account for the whole file."""
+    header_size = 4 * (dims + 1)
+    size = path.stat().st_size
+    if size < header_size:
+        return False
+    with path.open("rb") as file:
+        values = struct.unpack(f">{dims + 1}I", file.read(header_size))
+    return values[0] == magic and size == header_size + math.prod(values[1:])
+
+
+def check_data_files(cfg: DictConfig) -> None:
+    """Cheap checks of `cfg` (the `data` node) before training: the four IDX files are there
+    (or may be downloaded), and each one's header agrees with its size."""
+    folder = raw_folder(cfg.name, cfg.root)
+    missing = [name for name in IDX_FILES if not (folder / name).is_file()]
+    if missing:
+        if cfg.download:
+            return  # torchvision fetches them
+        raise DataError(f"{_hint(cfg.name, cfg.root)}; missing in {folder.resolve()}: {', '.join(missing)}")
+    for name, (magic, dims) in IDX_FILES.items():
+        if not _is_complete_idx(folder / name, magic, dims):
+            raise DataError(f"{_hint(cfg.name, cfg.root)}; {folder / name} is not a complete IDX file (corrupt or truncated)")
+
+
 def read_idx(name: str, root: str | Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw uint8 images [n, 28, 28] and int64 labels of one torchvision MNIST-format dataset."""
-    dataset_cls = DATASETS[name]
-    root = Path(root)
-    raw_folder = root / dataset_cls.__name__ / "raw"
     try:
-        dataset = dataset_cls(root=str(root), train=train, download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found" or a failed download
-        hint = (
-            f"data.root={str(root)!r}: no {name} IDX files in {raw_folder.resolve()} ({err}). "
-            f"Point MNIST_ROOT (or data.root) at the folder that contains {dataset_cls.__name__}/raw/"
-        )
-        hint += "." if download else ", or allow data.download=true on a machine with internet."
-        raise DataNotFoundError(hint) from err
+        dataset = DATASETS[name](root=str(root), train=train, download=download)
+    except (RuntimeError, ValueError) as err:  # torchvision: "Dataset not found", a failed download, a bad file
+        raise DataError(f"{_hint(name, root)}; reading {raw_folder(name, root).resolve()} failed: {err}") from err
     return dataset.data, dataset.targets.long()
 
 
@@ -79,6 +117,7 @@ def _flatten(images: torch.Tensor) -> torch.Tensor:
 
 def load_splits(cfg: DictConfig, device: torch.device) -> DataSplits:
     """Train/validation/test splits of `cfg` (the `data` node), normalised and on `device`."""
+    check_data_files(cfg)
     train_images, train_labels = read_idx(cfg.name, cfg.root, train=True, download=cfg.download)
     test_images, test_labels = read_idx(cfg.name, cfg.root, train=False, download=cfg.download)
 

@@ -9,6 +9,7 @@ order; Norm and Dropout only where configured), followed by a Linear head to the
 from __future__ import annotations
 
 from collections import OrderedDict
+
 from omegaconf import DictConfig
 from torch import nn
 

@@ -1,14 +1,12 @@
-"""MLflow tracking: the store, the parent run of a sweep and the run of each job.
+"""MLflow tracking: the store, the run of each job, and what a run logs.
 
-In a multirun, `MlflowSweepCallback` (a Hydra callback, so it runs in the launching process)
-creates the store, the experiment and the parent run before any job starts, and hands the
-parent's id to the jobs through the environment. Parallel jobs therefore never race to
-create or migrate a fresh SQLite store. Each job opens its own run with `job_run`.
+In a multirun every job's run is a child of the sweep's parent run, which
+`mlpsweep.sweep.MlflowSweepCallback` creates in the launching process before any job starts
+and hands to the jobs through the environment. Each job opens its own run with `job_run`.
 """
 
 from __future__ import annotations
 
-import atexit
 import copy
 import fcntl
 import logging
@@ -18,7 +16,6 @@ import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +24,7 @@ import mlflow
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from mlflow.entities import RunStatus
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -252,70 +247,3 @@ def record_job_failure(cfg: DictConfig, err: BaseException) -> None:
         client.set_tag(parent_id, f"{FAILED_JOB_TAG_PREFIX}{job.num}", f"[{' '.join(_task_overrides())}] {_describe(err)}")
     except Exception:  # the store itself may be what failed; the job's log still has the error
         log.exception(f"could not record the failure of job {job.num} on parent run {parent_id}")
-
-
-
-
-class MlflowSweepCallback(Callback):
-    """Creates the parent run of a multirun before its jobs, and closes it after them.
-
-    The parent ends FINISHED when every child finished, else FAILED; the failed children are
-    listed with their overrides and errors, and the process exits with status 1.
-    """
-
-    def __init__(self) -> None:
-        self._client: MlflowClient | None = None
-        self._parent_id: str | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._client, experiment_id = prepare_store(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
-        name = config.tracking.sweep_name or datetime.now().strftime("sweep-%Y-%m-%d_%H-%M-%S")
-        tags = {
-            ROLE_TAG: "sweep",
-            OVERRIDES_TAG: " ".join(config.hydra.overrides.task),
-            "mlpsweep.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
-        }
-        parent = self._client.create_run(experiment_id, run_name=name, tags=tags)
-        self._parent_id = parent.info.run_id
-        os.environ[PARENT_RUN_ENV] = self._parent_id
-        atexit.register(self._close_if_open)
-        log.info(f"MLflow: sweep {name} is parent run {self._parent_id} in {self._client.tracking_uri}")
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        assert self._client is not None and self._parent_id is not None
-        parent = self._client.get_run(self._parent_id)
-        children = self._client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self._parent_id}'",
-            max_results=50000,
-        )
-        finished = sum(run.info.status == "FINISHED" for run in children)
-        failures = sorted(
-            (int(key.removeprefix(FAILED_JOB_TAG_PREFIX)), value)
-            for key, value in parent.data.tags.items()
-            if key.startswith(FAILED_JOB_TAG_PREFIX)
-        )
-        unfinished = [run.info.run_name for run in children if run.info.status != "FINISHED"]
-        log.info(f"MLflow: {finished} of {len(children)} tracked jobs finished; sweep run {self._parent_id}")
-        self._close(RunStatus.FAILED if failures or unfinished else RunStatus.FINISHED)
-        if failures:
-            log.error(f"{len(failures)} job(s) failed:")
-            for num, description in failures:
-                log.error(f"  job {num}: {description}")
-        if unfinished:
-            log.error(f"runs that did not finish: {', '.join(unfinished)}")
-        if failures or unfinished:
-            raise SystemExit(1)
-
-    def _close(self, status: int) -> None:
-        assert self._client is not None and self._parent_id is not None
-        self._client.set_terminated(self._parent_id, RunStatus.to_string(status))
-        os.environ.pop(PARENT_RUN_ENV, None)
-        self._parent_id = None
-
-    def _close_if_open(self) -> None:
-        """At exit: a sweep that stopped before on_multirun_end (e.g. a config error) ends FAILED."""
-        if self._parent_id is not None:
-            assert self._client is not None
-            self._client.set_tag(self._parent_id, ERROR_TAG, "the sweep stopped before all of its jobs ran")
-            self._close(RunStatus.FAILED)
