@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
 import struct
-from collections.abc import Callable
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -103,3 +109,37 @@ def real_mnist_root() -> Path:
     if os.environ.get("CI"):
         pytest.fail(f"CI must have real MNIST: set MNIST_ROOT to the folder containing MNIST/raw/ (looked in {root})")
     pytest.skip(f"no MNIST under {root.resolve()} (set MNIST_ROOT)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(store_dir: Path) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port over store_dir/mlflow.db; yields its URI."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_uri(store_dir),
+               "--artifacts-destination", str(store_dir / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    server = subprocess.Popen(command, cwd=store_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not _answers(uri):
+            if time.monotonic() > deadline or server.poll() is not None:
+                pytest.fail("mlflow server did not come up")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(uri: str) -> bool:
+    try:
+        return requests.get(f"{uri}/health", timeout=2).ok
+    except requests.RequestException:
+        return False

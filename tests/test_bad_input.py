@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, tiny_overrides
 from omegaconf import DictConfig
 
-from conftest import REPO_ROOT, tiny_overrides
 from mlpsweep.checks import INPUT_ERRORS
 from mlpsweep.cli import train
 

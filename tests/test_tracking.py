@@ -8,12 +8,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import TINY_TRAIN, TINY_VAL, sqlite_uri
+from conftest import TINY_VAL, sqlite_uri
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from mlpsweep.cli import train
-from mlpsweep.config import ConfigError
 from mlpsweep.engine import DivergenceError
 from mlpsweep.tracking import ERROR_TAG, artifact_location, flatten, resolve_tracking_uri
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +100,7 @@ def figure_epochs(cfg: DictConfig) -> set[int]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     """Run `train(cfg)`. In a multirun a failing job is recorded on the parent run and the sweep goes on."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -117,4 +116,4 @@ def main(cfg: DictConfig) -> float:
         log.exception(f"job failed: {err}")
         failure = err
     tracking.record_job_failure(cfg, failure)
-    return math.nan  # an objective a sweeper (e.g. Optuna) reads as a failed trial
+    return None  # no objective: the Optuna sweeper marks the trial FAIL and the study goes on
