@@ -95,7 +95,8 @@ def tiny_cfg(tiny_mnist_root: Path, tmp_path: Path) -> Callable[..., DictConfig]
     """compose(*overrides) on top of the tiny-data overrides, with the store in tmp_path."""
 
     def compose_tiny(*overrides: str) -> DictConfig:
-        return compose_config(tiny_overrides(tiny_mnist_root, tmp_path) + list(overrides))
+        checkpoints = f"trainer.checkpoint_dir={tmp_path / 'checkpoints'}"
+        return compose_config(tiny_overrides(tiny_mnist_root, tmp_path) + [checkpoints, *overrides])
 
     return compose_tiny
 

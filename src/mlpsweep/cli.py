@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -14,8 +16,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mlpsweep import tracking
+from mlpsweep.checkpoint import checkpoint_path, config_hash, load_checkpoint, save_checkpoint
 from mlpsweep.checks import INPUT_ERRORS, check_inputs
-from mlpsweep.config import require
+from mlpsweep.config import launch_dir, require
 from mlpsweep.data import load_splits
 from mlpsweep.engine import (
     EpochMetrics,
@@ -39,10 +42,18 @@ def train(cfg: DictConfig) -> float:
     """Train and test the model `cfg` describes, tracked in MLflow; return the best validation accuracy.
 
     Everything that can be wrong with the input is checked before the MLflow run starts; errors
-    in the input raise ConfigError or DataError (`checks.INPUT_ERRORS`).
+    in the input raise ConfigError or DataError (`checks.INPUT_ERRORS`). With `resume=true` a
+    config that already FINISHED is skipped, and a killed one continues from its checkpoint.
     """
     device = check_inputs(cfg)
+    if cfg.trainer.deterministic:
+        make_deterministic()
     torch.set_num_threads(cpu_threads(cfg.trainer.num_threads, parallel_jobs()))
+    cfg_hash = config_hash(cfg)
+    if cfg.resume and (finished := tracking.find_run(cfg, cfg_hash, "FINISHED")):
+        log.info(f"resume: {finished.info.run_name} already finished as run {finished.info.run_id}; skipped")
+        return finished.data.metrics.get("val_acc", math.nan)
+
     seed_everything(cfg.seed)
     data = load_splits(cfg.data, device)
     require(
@@ -55,26 +66,33 @@ def train(cfg: DictConfig) -> float:
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     num_params = count_parameters(model)
+    checkpoint = checkpoint_path(launch_dir() / cfg.trainer.checkpoint_dir, cfg_hash)
+    unfinished = tracking.find_run(cfg, cfg_hash, "RUNNING") if cfg.resume and checkpoint.is_file() else None
+    history = load_checkpoint(checkpoint, model, optimizer, generator) if unfinished else []
     log.info(f"{tracking.run_name(cfg)} on {device} ({torch.get_num_threads()} CPU threads), {num_params:,} parameters:\n{model}")
-
     probe = ActivationProbe(
         model, data.test.x[: cfg.probe.num_samples], cfg.activation.name, cfg.probe.saturation_margin, cfg.probe.bins
     )
     title = tracking.run_name(cfg)
 
-    with tracking.job_run(cfg, num_params), tempfile.TemporaryDirectory() as workdir:
+    with tracking.job_run(cfg, num_params, cfg_hash, unfinished and unfinished.info.run_id), tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
-        if probe_log:
+        if history:
+            log.info(f"resume: run {unfinished.info.run_id} continues after epoch {len(history)}")
+            tracking.log_missing_epochs(history)
+        elif probe_log:
             probe_log(0)  # the distributions at initialisation
 
         def on_epoch_end(metrics: EpochMetrics) -> None:
+            save_checkpoint(checkpoint, cfg, model, optimizer, generator, [*history, metrics])
+            history.append(metrics)
             log.info(metrics.log_line())
             tracking.log_epoch(metrics)
             if probe_log:
                 probe_log(metrics.epoch)
 
-        history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end)
+        fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history=list(history))
         test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size)
         log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
         tracking.log_test(test_loss, test_acc)
@@ -84,7 +102,16 @@ def train(cfg: DictConfig) -> float:
             probe_log.finish(run_seconds=time.perf_counter() - start)
         if cfg.tracking.log_model:
             tracking.log_model(model, data.test.x[:5])
+    checkpoint.unlink(missing_ok=True)  # the run finished; its model is in MLflow
     return max(m.val_acc for m in history)
+
+
+def make_deterministic() -> None:
+    """Bitwise-repeatable GPU runs: set before CUDA starts (cuBLAS reads its workspace at start-up)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def parallel_jobs() -> int | None:

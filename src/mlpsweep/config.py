@@ -1,4 +1,5 @@
-"""Checks on the composed config that run before any data is read or any run is tracked.
+"""The composed config: checks on its values (before any data is read or any run is tracked),
+and where its relative paths start.
 
 Group options (`activation=foo`) are checked by Hydra itself when it composes the config,
 and option names by the factories that use them; this module checks the numbers.
@@ -6,13 +7,20 @@ and option names by the factories that use them; this module checks the numbers.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
     """A config value is not allowed; the message names the key, the value and what is allowed."""
+
+
+def launch_dir() -> Path:
+    """The directory train.py was launched from (also inside a job that changed directory)."""
+    return Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -171,11 +171,13 @@ def fit(
     cfg: DictConfig,
     generator: torch.Generator,
     on_epoch_end: Callable[[EpochMetrics], None] | None = None,
+    history: Sequence[EpochMetrics] = (),
 ) -> list[EpochMetrics]:
-    """Train for `cfg.max_epochs` epochs (`cfg` is the `trainer` node), validating after each."""
+    """Train up to `cfg.max_epochs` epochs (`cfg` is the `trainer` node), validating after each;
+    a resumed job passes the `history` of the epochs it already has."""
     show_bar = sys.stderr.isatty() if cfg.progress_bar == "auto" else bool(cfg.progress_bar)
-    history = []
-    for epoch in range(1, cfg.max_epochs + 1):
+    history = list(history)
+    for epoch in range(len(history) + 1, cfg.max_epochs + 1):
         start = time.perf_counter()
         with tqdm(total=len(data.train) // cfg.batch_size, desc=f"epoch {epoch}", leave=False, disable=not show_bar) as bar:
             step_losses, train_acc = train_one_epoch(model, optimizer, data.train, cfg.batch_size, generator, bar)

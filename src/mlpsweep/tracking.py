@@ -26,11 +26,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from matplotlib.figure import Figure
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mlpsweep import figures
+from mlpsweep.config import launch_dir
 from mlpsweep.engine import EpochMetrics
 from mlpsweep.probe import ActivationProbe
 
@@ -40,6 +42,7 @@ PARENT_RUN_ENV = "MLPSWEEP_PARENT_RUN_ID"
 ROLE_TAG = "mlpsweep.role"
 OVERRIDES_TAG = "mlpsweep.overrides"
 ERROR_TAG = "mlpsweep.error"
+CONFIG_HASH_TAG = "mlpsweep.config_hash"
 FAILED_JOB_TAG_PREFIX = "mlpsweep.failed_job."
 
 
@@ -49,8 +52,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    launch_dir = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
-    return f"sqlite:///{launch_dir.resolve() / 'mlflow.db'}"
+    return f"sqlite:///{launch_dir().resolve() / 'mlflow.db'}"
 
 
 def _task_overrides() -> list[str]:
@@ -201,32 +203,59 @@ def log_model(model: nn.Module, example: torch.Tensor) -> None:
     )
 
 
+def find_run(cfg: DictConfig, cfg_hash: str, status: str) -> Run | None:
+    """The latest run of this experiment with the config hash `cfg_hash` and `status`."""
+    client, experiment_id = prepare_store(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`{CONFIG_HASH_TAG}` = '{cfg_hash}' and attributes.status = '{status}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
 @contextmanager
-def job_run(cfg: DictConfig, num_params: int) -> Iterator[mlflow.ActiveRun]:
+def job_run(cfg: DictConfig, num_params: int, cfg_hash: str, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """The MLflow run of one training job: params, config and overrides logged on entry.
 
-    In a multirun the run is a child of the sweep's parent run. An exception ends the run
-    FAILED, with the error as a tag and the traceback as an artifact, and propagates.
+    In a multirun the run is a child of the sweep's parent run. `resume_run_id` continues an
+    unfinished run instead (its params are already there). An exception ends the run FAILED,
+    with the error as a tag and the traceback as an artifact, and propagates.
     """
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     _, experiment_id = prepare_store(tracking_uri, cfg.tracking.experiment)
     mlflow.set_tracking_uri(tracking_uri)
     overrides = _task_overrides()
-    tags = {ROLE_TAG: "job", OVERRIDES_TAG: " ".join(overrides)}
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name(cfg), parent_run_id=_parent_run_id(), tags=tags
-    ) as run:
+    if resume_run_id:
+        run_context = mlflow.start_run(run_id=resume_run_id)
+    else:
+        tags = {ROLE_TAG: "job", OVERRIDES_TAG: " ".join(overrides), CONFIG_HASH_TAG: cfg_hash}
+        run_context = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name(cfg), parent_run_id=_parent_run_id(), tags=tags
+        )
+    with run_context as run:
         try:
-            container = OmegaConf.to_container(cfg, resolve=True)
-            assert isinstance(container, dict)
-            mlflow.log_params({**flatten(container), **axes(cfg), "num_params": num_params})
-            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
+            if not resume_run_id:
+                container = OmegaConf.to_container(cfg, resolve=True)
+                assert isinstance(container, dict)
+                mlflow.log_params({**flatten(container), **axes(cfg), "num_params": num_params})
+                mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+                mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
             yield run
         except BaseException as err:
             mlflow.set_tag(ERROR_TAG, _describe(err))
             mlflow.log_text(traceback.format_exc(), "traceback.txt")
             raise
+
+
+def log_missing_epochs(history: Sequence[EpochMetrics]) -> None:
+    """Log the epochs of a resumed `history` that the active run does not have yet."""
+    run_id = mlflow.active_run().info.run_id
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")}
+    for metrics in history:
+        if metrics.epoch not in logged:
+            log_epoch(metrics)
 
 
 def _describe(err: BaseException) -> str:

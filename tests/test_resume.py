@@ -1,0 +1,97 @@
+"""resume=true: finished configs are skipped, failed ones rerun, a killed job continues bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from mlpsweep.checkpoint import config_hash
+from mlpsweep.cli import train
+from mlpsweep.tracking import CONFIG_HASH_TAG, ROLE_TAG
+
+pytestmark = pytest.mark.slow
+
+
+def train_command(data_root: Path, store_dir: Path, *args: str, multirun: bool = False) -> list[str]:
+    mode = ["--multirun"] if multirun else []
+    return [sys.executable, str(REPO_ROOT / "train.py"), *mode, *tiny_overrides(data_root, store_dir), "resume=true", *args]
+
+
+def job_runs(store_dir: Path) -> list:
+    client = MlflowClient(sqlite_uri(store_dir))
+    runs = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id], max_results=1000)
+    return [r for r in runs if r.data.tags.get(ROLE_TAG) == "job"]
+
+
+def test_config_hash_ignores_where_things_go(tiny_cfg: Callable[..., DictConfig]) -> None:
+    base = config_hash(tiny_cfg())
+    assert base == config_hash(tiny_cfg("tracking.uri=sqlite:///elsewhere.db", "trainer.progress_bar=true", "data.root=/x"))
+    assert base != config_hash(tiny_cfg("seed=1")) and base != config_hash(tiny_cfg("dropout.p=0.1"))
+
+
+def test_rerunning_a_sweep_skips_finished_and_reruns_failed(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    command = train_command(tiny_mnist_root, tmp_path, "optimizer.lr=0.1,1e30", "seed=0,1", "depth.widths=[32]", multirun=True)
+    for attempt in range(2):
+        result = subprocess.run(command + [f"hydra.sweep.dir={tmp_path / f'm{attempt}'}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 1  # the lr=1e30 jobs diverge, both times
+    assert (result.stdout + result.stderr).count("already finished as run") == 2
+    runs = job_runs(tmp_path)
+    by_hash: dict[str, list[str]] = {}
+    for run in runs:
+        by_hash.setdefault(run.data.tags[CONFIG_HASH_TAG], []).append(run.info.status)
+    assert sorted(map(sorted, by_hash.values())) == [["FAILED", "FAILED"], ["FAILED", "FAILED"], ["FINISHED"], ["FINISHED"]]
+
+
+def test_rerunning_an_identical_config_without_resume_makes_a_new_run(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    train(tiny_cfg("trainer.max_epochs=1", "depth.widths=[16]"))
+    train(tiny_cfg("trainer.max_epochs=1", "depth.widths=[16]"))  # no "Changing param values is not allowed"
+    assert [r.info.status for r in job_runs(tmp_path)] == ["FINISHED", "FINISHED"]
+
+
+def test_a_killed_job_resumes_to_the_metrics_of_an_uninterrupted_run(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    args = ["trainer.max_epochs=25", "dropout=lecture", "seed=3", "probe.enabled=false"]
+    subprocess.run(train_command(tiny_mnist_root, tmp_path / "whole", *args), cwd=tmp_path, check=True, capture_output=True, timeout=600)
+
+    killed_dir = tmp_path / "killed"
+    command = train_command(tiny_mnist_root, killed_dir, *args, f"hydra.run.dir={killed_dir / 'run'}")
+    process = subprocess.Popen(command, cwd=killed_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = killed_dir.parent / "checkpoints"
+    while not any(checkpoints.glob("*.pt")) and process.poll() is None:  # epoch 1 is done and saved
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    (killed,) = job_runs(killed_dir)
+    assert killed.info.status == "RUNNING"  # SIGKILL: nobody closed the run
+    epochs_before = len(MlflowClient(sqlite_uri(killed_dir)).get_metric_history(killed.info.run_id, "val_acc"))
+    assert 1 <= epochs_before < 25
+
+    subprocess.run(command, cwd=killed_dir.parent, check=True, capture_output=True, timeout=600)
+    (whole,), (resumed,) = job_runs(tmp_path / "whole"), job_runs(killed_dir)
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    histories = []
+    for store, run in ((tmp_path / "whole", whole), (killed_dir, resumed)):
+        client = MlflowClient(sqlite_uri(store))
+        histories.append({key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+                          for key in ("train_loss", "val_loss", "val_acc")})  # fmt: skip
+    assert histories[0] == histories[1] and len(histories[0]["val_acc"]) == 25
+    assert resumed.data.metrics["test_acc"] == whole.data.metrics["test_acc"]
+    assert resumed.data.metrics["test_loss"] == whole.data.metrics["test_loss"]
+    assert not any(checkpoints.glob("*.pt"))  # removed once the run finished
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_deterministic_switch_makes_gpu_runs_repeatable(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    first = train(tiny_cfg("trainer.device=cuda", "trainer.deterministic=true", "dropout=lecture"))
+    second = train(tiny_cfg("trainer.device=cuda", "trainer.deterministic=true", "dropout=lecture"))
+    assert first == second
