@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -52,7 +51,7 @@ def train(cfg: DictConfig) -> float:
     cfg_hash = config_hash(cfg)
     if cfg.resume and (finished := tracking.find_run(cfg, cfg_hash, "FINISHED")):
         log.info(f"resume: {finished.info.run_name} already finished as run {finished.info.run_id}; skipped")
-        return finished.data.metrics.get("val_acc", math.nan)
+        return tracking.best_metric(cfg, finished.info.run_id, "val_acc")
 
     seed_everything(cfg.seed)
     data = load_splits(cfg.data, device)
@@ -75,11 +74,12 @@ def train(cfg: DictConfig) -> float:
     )
     title = tracking.run_name(cfg)
 
-    with tracking.job_run(cfg, num_params, cfg_hash, unfinished and unfinished.info.run_id), tempfile.TemporaryDirectory() as workdir:
+    resume_run_id = unfinished.info.run_id if unfinished else None
+    with tracking.job_run(cfg, num_params, cfg_hash, resume_run_id), tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
         if history:
-            log.info(f"resume: run {unfinished.info.run_id} continues after epoch {len(history)}")
+            log.info(f"resume: run {resume_run_id} continues after epoch {len(history)}")
             tracking.log_missing_epochs(history)
         elif probe_log:
             probe_log(0)  # the distributions at initialisation

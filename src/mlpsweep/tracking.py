@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import logging
+import math
 import os
 import time
 import traceback
@@ -213,6 +214,12 @@ def find_run(cfg: DictConfig, cfg_hash: str, status: str) -> Run | None:
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def best_metric(cfg: DictConfig, run_id: str, key: str) -> float:
+    """The largest value in a run's history of `key` (NaN when it has none)."""
+    history = MlflowClient(resolve_tracking_uri(cfg.tracking.uri)).get_metric_history(run_id, key)
+    return max((m.value for m in history), default=math.nan)
 
 
 @contextmanager
