@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 
 import pytest
@@ -10,7 +11,17 @@ import torch
 from omegaconf import DictConfig
 
 from mlpsweep.data import load_splits
-from mlpsweep.engine import DivergenceError, build_optimizer, evaluate, fit, seed_everything, train_one_epoch
+from mlpsweep.engine import (
+    DIVERGENCE_CHECK_EVERY,
+    DivergenceError,
+    build_optimizer,
+    cpu_threads,
+    device_for_job,
+    evaluate,
+    fit,
+    seed_everything,
+    train_one_epoch,
+)
 from mlpsweep.model import build_model
 
 
@@ -105,3 +116,27 @@ def test_fast_epoch_computes_what_a_plain_step_by_step_loop_computes(tiny_cfg: C
     assert losses.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_divergence_stops_within_a_check_interval_not_at_the_epoch_end(tiny_cfg: Callable[..., DictConfig]) -> None:
+    train_steps: list[bool] = []
+    with pytest.raises(DivergenceError, match=r"at epoch 1, step \d+$") as err:
+        fit_tiny(tiny_cfg("optimizer.lr=1e30", "trainer.batch_size=4"), hook=lambda m, i, o: train_steps.append(m.training))
+    assert int(str(err.value).rsplit(" ", 1)[1]) < DIVERGENCE_CHECK_EVERY
+    assert sum(train_steps) == DIVERGENCE_CHECK_EVERY < 540 // 4  # stopped at the first look, long before the epoch's end
+
+
+def test_parallel_jobs_are_spread_over_the_gpus() -> None:
+    cuda = torch.device("cuda")
+    assert [device_for_job(cuda, n, gpu_count=2).index for n in range(4)] == [0, 1, 0, 1]
+    assert device_for_job(torch.device("cuda", 1), 0, gpu_count=2).index == 1  # named explicitly: kept
+    assert device_for_job(cuda, 3, gpu_count=1) == cuda
+    assert device_for_job(torch.device("cpu"), 3, gpu_count=2).type == "cpu"
+
+
+def test_cpu_threads_split_the_cores_between_parallel_jobs() -> None:
+    cores = os.cpu_count() or 1
+    assert cpu_threads(None, None) == cores
+    assert cpu_threads(None, 2) == max(1, cores // 2)
+    assert cpu_threads(None, -1) == 1  # joblib's n_jobs=-1: a job per core
+    assert cpu_threads(3, 8) == 3

@@ -24,6 +24,7 @@ from mlpsweep.engine import (
     build_optimizer,
     confusion_counts,
     cpu_threads,
+    device_for_job,
     evaluate,
     fit,
     seed_everything,
@@ -47,6 +48,8 @@ def train(cfg: DictConfig) -> float:
     device = check_inputs(cfg)
     if cfg.trainer.deterministic:
         make_deterministic()
+    if parallel_jobs() is not None:
+        device = device_for_job(device, HydraConfig.get().job.num, torch.cuda.device_count())
     torch.set_num_threads(cpu_threads(cfg.trainer.num_threads, parallel_jobs()))
     cfg_hash = config_hash(cfg)
     if cfg.resume and (finished := tracking.find_run(cfg, cfg_hash, "FINISHED")):

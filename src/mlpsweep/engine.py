@@ -32,6 +32,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+# steps between two looks at the loss (one host synchronisation each on a GPU)
+DIVERGENCE_CHECK_EVERY = 50
+
+
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -72,6 +76,14 @@ def resolve_device(spec: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"trainer.device={spec!r}: must be auto, cpu, cuda or cuda:N")
     return device
+
+
+def device_for_job(device: torch.device, job_num: int, gpu_count: int) -> torch.device:
+    """Under a parallel launcher, spread the jobs over the GPUs: job n gets GPU n mod count
+    (unless the config named one, e.g. cuda:1)."""
+    if device.type != "cuda" or device.index is not None or gpu_count < 2:
+        return device
+    return torch.device("cuda", job_num % gpu_count)
 
 
 def cpu_threads(requested: int | None, parallel_jobs: int | None) -> int:
@@ -128,13 +140,15 @@ def train_one_epoch(
     split: Split,
     batch_size: int,
     generator: torch.Generator,
+    epoch: int = 1,
     progress: tqdm | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One pass over a fresh permutation of `split`, dropping the last partial batch.
 
     The split is gathered into shuffled order once, so every step takes a contiguous slice,
     and the step records only what it must (its loss tensor and its predictions, in place):
-    the hot loop issues no host synchronisation and as few kernel launches as it can.
+    the hot loop issues no host synchronisation and as few kernel launches as it can, except a
+    look at the loss every DIVERGENCE_CHECK_EVERY steps, so a diverged run stops within them.
     Returns the per-step losses (on the device) and the training accuracy.
     """
     model.train()
@@ -143,7 +157,7 @@ def train_one_epoch(
     xs, ys = split.x[order], split.y[order]
     predictions = torch.empty_like(ys)
     losses = []
-    for start in range(0, steps * batch_size, batch_size):
+    for step, start in enumerate(range(0, steps * batch_size, batch_size), start=1):
         x, y = xs[start : start + batch_size], ys[start : start + batch_size]
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -154,14 +168,17 @@ def train_one_epoch(
         torch.argmax(logits.detach(), dim=1, out=predictions[start : start + batch_size])
         if progress is not None:
             progress.update()
+        if step % DIVERGENCE_CHECK_EVERY == 0 or step == steps:
+            check_finite(torch.stack(losses[-DIVERGENCE_CHECK_EVERY:]), epoch, first_step=len(losses[:-DIVERGENCE_CHECK_EVERY]) + 1)
     return torch.stack(losses), (predictions == ys).float().mean().item()
 
 
-def _check_finite(step_losses: torch.Tensor, epoch: int) -> None:
+def check_finite(step_losses: torch.Tensor, epoch: int, first_step: int) -> None:
+    """Raise DivergenceError at the first NaN/inf of consecutive step losses starting at `first_step`."""
     bad = (~torch.isfinite(step_losses)).nonzero()
     if len(bad):
-        step = int(bad[0])
-        raise DivergenceError(f"loss diverged to {step_losses[step].item()} at epoch {epoch}, step {step + 1}")
+        i = int(bad[0])
+        raise DivergenceError(f"loss diverged to {step_losses[i].item()} at epoch {epoch}, step {first_step + i}")
 
 
 def fit(
@@ -180,8 +197,7 @@ def fit(
     for epoch in range(len(history) + 1, cfg.max_epochs + 1):
         start = time.perf_counter()
         with tqdm(total=len(data.train) // cfg.batch_size, desc=f"epoch {epoch}", leave=False, disable=not show_bar) as bar:
-            step_losses, train_acc = train_one_epoch(model, optimizer, data.train, cfg.batch_size, generator, bar)
-        _check_finite(step_losses, epoch)
+            step_losses, train_acc = train_one_epoch(model, optimizer, data.train, cfg.batch_size, generator, epoch, bar)
         val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size)
         metrics = EpochMetrics(
             epoch=epoch,
