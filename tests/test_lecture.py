@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mlpsweep.cli import CONFIG_DIR, train
+from mlpsweep.lecture import verdict
 from mlpsweep.model import build_model, count_parameters
 
 # preset: (Linear shapes (in, out), bias, activation, norm, dropout p, epochs, parameters counted by hand)
@@ -74,3 +75,10 @@ def test_every_experiment_runs_its_sweep(experiment: str, tiny_mnist_root: Path,
     expected = {"lecture/bn_ablation": 6, "lecture/all": 9}[experiment]
     assert len(children) == expected
     assert len({r.info.run_name for r in children}) == expected
+
+
+def test_verdict_uses_the_prediction_interval_of_one_new_run() -> None:
+    # mean 0.94, s = 0.001, n = 3: half width t(0.975, 2) * 0.001 * sqrt(4/3) = 4.302653 * 0.0011547 = 0.0049683
+    assert verdict(0.9449, [0.939, 0.940, 0.941]) == ("+0.49 pp", "within seed noise [0.9350, 0.9450]")
+    assert verdict(0.9451, [0.939, 0.940, 0.941])[1].startswith("beyond seed noise")
+    assert verdict(0.93, [0.94]) == ("-1.00 pp", "needs repeated seeds")
