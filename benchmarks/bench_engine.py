@@ -41,9 +41,13 @@ MODELS = {
 }
 
 
+# inputs as ToTensor() gives them, on both sides, so that both compute the same thing
+SAME_INPUTS = ["data.normalize=false"]
+
+
 def compose_cfg(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=SAME_INPUTS + overrides)
 
 
 # --- the classic loop ---------------------------------------------------------------------------
@@ -135,7 +139,7 @@ def sweep_mode(args: argparse.Namespace, device: torch.device) -> None:
             sys.executable, str(REPO_ROOT / "train.py"), "--multirun",
             f"activation={','.join(activations)}", f"norm={','.join(norms)}",
             f"trainer.max_epochs={args.epochs}", f"trainer.device={device}", "trainer.progress_bar=false",
-            f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"hydra.sweep.dir={tmp}/multirun", *args.override,
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"hydra.sweep.dir={tmp}/multirun", *SAME_INPUTS, *args.override,
         ]  # fmt: skip
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)

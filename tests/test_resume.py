@@ -90,6 +90,18 @@ def test_a_killed_job_resumes_to_the_metrics_of_an_uninterrupted_run(tiny_mnist_
     assert not any(checkpoints.glob("*.pt"))  # removed once the run finished
 
 
+def test_deterministic_switch_sets_up_torch_before_training(tiny_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        first = train(tiny_cfg("trainer.deterministic=true", "dropout=lecture", "depth.widths=[32]"))
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert first == train(tiny_cfg("trainer.deterministic=true", "dropout=lecture", "depth.widths=[32]"))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_deterministic_switch_makes_gpu_runs_repeatable(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
     first = train(tiny_cfg("trainer.device=cuda", "trainer.deterministic=true", "dropout=lecture"))
