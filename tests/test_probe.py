@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def test_every_stage_of_every_layer_is_captured_without_touching_the_model() -> 
         assert set(layer.histograms) == {"linear", "norm", "act"}
         assert sum(layer.histograms["act"][1]) == 200 * width
         assert len(layer.sample_pre) == len(layer.sample_post) == width
-        assert {f"{s}_{k}" for s in ("linear", "norm", "act") for k in ("mean", "std")} | {"dead_frac"} == set(layer.stats)
+        assert {f"{s}_{k}" for s in ("linear", "norm", "act") for k in ("mean", "std")} | {"dead_frac", "nonfinite_frac"} == set(layer.stats)
+        assert layer.stats["nonfinite_frac"] == 0
     assert snapshot.metrics()["probe/hidden2/norm_std"] == snapshot.layers["hidden2"].stats["norm_std"]
 
 
@@ -93,3 +95,14 @@ def test_probing_can_be_switched_off(tiny_cfg: Callable[..., DictConfig], tmp_pa
     run = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])[0]
     assert not [key for key in run.data.metrics if key.startswith("probe")]
     assert not client.list_artifacts(run.info.run_id, "probe")
+
+
+def test_infinite_activations_are_counted_not_logged_as_metrics() -> None:
+    model, probe = probe_for("activation=sigmoid", "norm=none")
+    with torch.no_grad():
+        model.hidden1.linear.weight[:5].fill_(float("inf"))  # 5 of 64 units blow up
+    snapshot = probe.snapshot(1, with_histograms=True)
+    layer = snapshot.layers["hidden1"]
+    assert 0 < layer.stats["nonfinite_frac"] < 1
+    assert all(math.isfinite(v) for v in snapshot.metrics().values())
+    assert 0 < sum(layer.histograms["linear"][1]) < 200 * 64  # the finite values only

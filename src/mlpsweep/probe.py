@@ -6,7 +6,10 @@ normalised output where there is a norm, and the activation output. From them it
 per-layer statistics and a health figure that fits the activation:
 
 - sigmoid / tanh: the saturated fraction, outputs within `margin` of the activation's bounds;
-- ReLU-like: the dead fraction, units whose activation input is <= 0 on every probe image.
+- ReLU-like: the dead fraction, units whose activation input is <= 0 on every probe image;
+
+and the fraction of non-finite (inf/NaN) values, which a diverging network produces long before
+its loss turns NaN. Statistics and histograms cover the finite values only.
 """
 
 from __future__ import annotations
@@ -49,7 +52,11 @@ def health_metric(activation: str) -> str | None:
 
 
 def _histogram(values: torch.Tensor, bins: int) -> tuple[list[float], list[int]]:
+    """Bin edges and counts of the finite values (a network that blew up has inf/NaN inside)."""
     values = values.flatten().float()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return torch.linspace(0, 1, bins + 1).tolist(), [0] * bins
     low, high = values.min().item(), values.max().item()
     if high <= low:
         high = low + 1e-6
@@ -96,9 +103,14 @@ class ActivationProbe:
             pre = stages.get("norm", stages["linear"])  # what enters the activation
             post = stages["act"]
             stats = {}
+            nonfinite = 0
             for stage, values in stages.items():
-                std, mean = torch.std_mean(values)
-                stats[f"{stage}_mean"], stats[f"{stage}_std"] = mean.item(), std.item()
+                finite = values[torch.isfinite(values)]
+                nonfinite += values.numel() - finite.numel()
+                if finite.numel() > 1:  # never log NaN or inf as a metric
+                    std, mean = torch.std_mean(finite)
+                    stats[f"{stage}_mean"], stats[f"{stage}_std"] = mean.item(), std.item()
+            stats["nonfinite_frac"] = nonfinite / sum(v.numel() for v in stages.values())
             if self.activation in SATURATING_BOUNDS:
                 low, high = SATURATING_BOUNDS[self.activation]
                 saturated = (post < low + self.margin) | (post > high - self.margin)

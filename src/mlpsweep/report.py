@@ -114,16 +114,16 @@ def sort_by_axes(runs: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
 
 
 def swept_axes(runs: pd.DataFrame, params: pd.DataFrame) -> list[str]:
-    """The four axes that vary, then other params that vary independently of them."""
+    """The four axes that vary between `runs`, then other params that vary independently of them."""
     axes = [a for a in AXES if runs[a].nunique() > 1]
+    extra = []
     for key in params.columns:
         if IGNORED_PARAMS.match(key) or params[key].nunique() <= 1:
             continue
-        determined = axes and (params.assign(**runs[axes]).groupby(axes)[key].nunique() <= 1).all()
+        determined = axes and (params[key].groupby([runs[a] for a in axes]).nunique() <= 1).all()
         if not determined:
-            runs[key] = params[key]
-            axes.append(key)
-    return axes
+            extra.append(key)
+    return axes + extra
 
 
 def load_sweep(client: MlflowClient, parent: Run) -> Sweep:
@@ -174,8 +174,12 @@ def load_sweep(client: MlflowClient, parent: Run) -> Sweep:
     ]
     sweep = Sweep(parent, runs, histories, health, histograms, failed_jobs)
     if len(runs):
-        sweep.axes = swept_axes(sweep.runs, pd.DataFrame(params).fillna(""))
-        sweep.runs["config"] = sweep.runs.apply(lambda r: config_label(r, sweep.axes), axis=1)
+        params = pd.DataFrame(params).fillna("")
+        finished = runs.status == "FINISHED"  # failed runs do not define what is compared
+        sweep.axes = swept_axes(runs[finished], params[finished]) if finished.any() else []
+        for key in sweep.axes:
+            runs[key] = runs[key] if key in runs else params[key]
+        runs["config"] = runs.apply(lambda r: config_label(r, sweep.axes), axis=1)
     return sweep
 
 
