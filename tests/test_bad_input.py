@@ -92,3 +92,14 @@ def test_cli_sweep_checks_every_job_before_tracking_anything(tiny_mnist_root: Pa
     assert re.search(r"job 1 \[.* dropout.p=0.1 activation=foo\]: .*Could not find 'activation/foo' Available options in 'activation': elu gelu leaky_relu relu sigmoid silu tanh$", output, re.M)
     assert re.search(r"job 2 \[.* dropout.p=1.5 activation=relu\]: dropout.p=1.5: must be a probability in \[0, 1\)$", output, re.M)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_cli_sweep_against_an_unreachable_server_stops_before_any_job(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{closed_port()}"
+    overrides = [*tiny_overrides(tiny_mnist_root), "activation=relu,tanh", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'm'}"]
+    result = run_cli(["--multirun", *overrides], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert output.count(f"tracking.uri='{uri}' (or $MLFLOW_TRACKING_URI): no MLflow server answers") == 1
+    assert "Launching" not in output  # no job started

@@ -31,10 +31,16 @@ def check_tracking_server(tracking_uri: str) -> None:
         ) from None
 
 
-def check_inputs(cfg: DictConfig) -> torch.device:
-    """Check the config values, the device, the data files and the tracking store; return the device."""
+def check_job_inputs(cfg: DictConfig) -> torch.device:
+    """Check the config values, the device and the data files; return the device."""
     validate_config(cfg)
     device = resolve_device(cfg.trainer.device)
     check_data_files(cfg.data)
+    return device
+
+
+def check_inputs(cfg: DictConfig) -> torch.device:
+    """Check everything a job needs, the tracking store included; return the device."""
+    device = check_job_inputs(cfg)
     check_tracking_server(resolve_tracking_uri(cfg.tracking.uri))
     return device

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from mlpsweep.checks import INPUT_ERRORS, check_inputs
+from mlpsweep.checks import INPUT_ERRORS, check_job_inputs, check_tracking_server
 from mlpsweep.tracking import (
     ERROR_TAG,
     FAILED_JOB_TAG_PREFIX,
@@ -58,8 +58,13 @@ def preflight(config: DictConfig) -> list[str]:
     jobs = job_overrides(config)
     if jobs is None:
         return []
+    try:
+        check_tracking_server(resolve_tracking_uri(config.tracking.uri))  # once for the sweep
+    except INPUT_ERRORS as err:
+        return [str(err)]
     loader = GlobalHydra.instance().config_loader()
     problems = []
+    nvml_check = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # ask NVML about GPUs: no CUDA in the launcher
     try:
         for num, overrides in enumerate(jobs):
@@ -67,12 +72,15 @@ def preflight(config: DictConfig) -> list[str]:
                 cfg = loader.load_configuration(config.hydra.job.config_name, overrides, run_mode=RunMode.RUN)
                 with open_dict(cfg):
                     del cfg["hydra"]
-                check_inputs(cfg)
+                check_job_inputs(cfg)
             except (*INPUT_ERRORS, HydraException, OmegaConfBaseException) as err:
                 message = " ".join(str(err).split("Config search path")[0].split())  # one line, no search path
                 problems.append(f"job {num} [{' '.join(overrides)}]: {message}")
     finally:
-        os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK")
+        if nvml_check is None:
+            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK")
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml_check
     return problems
 
 
