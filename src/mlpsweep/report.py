@@ -398,24 +398,92 @@ def best_confusion_figure(client: MlflowClient, sweep: Sweep) -> tuple[Figure, s
 # --- the document ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+    def markdown(self) -> str:
+        return f"{'#' * self.level} {self.text}"
+
+    def html(self) -> str:
+        return f"<h{self.level}>{html.escape(self.text)}</h{self.level}>"
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+    def markdown(self) -> str:
+        return self.text
+
+    def html(self) -> str:
+        return f"<p>{html.escape(self.text)}</p>"
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: tuple[str, ...]
+
+    def markdown(self) -> str:
+        return "\n".join(f"- {item}" for item in self.items)
+
+    def html(self) -> str:
+        return "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in self.items) + "</ul>"
+
+
+@dataclass(frozen=True)
+class Table:
+    frame: pd.DataFrame
+
+    def markdown(self) -> str:
+        return markdown_table(self.frame)
+
+    def html(self) -> str:
+        return self.frame.to_html(index=False, float_format=_fmt, na_rep="", border=0, classes="t")
+
+
+@dataclass(frozen=True)
+class Image:
+    path: Path  # the PNG file
+    link: str  # its path relative to report.md
+    caption: str
+
+    def markdown(self) -> str:
+        return f"![{self.caption}]({self.link})\n\n*{self.caption}*"
+
+    def html(self) -> str:
+        data = base64.b64encode(self.path.read_bytes()).decode()
+        caption = html.escape(self.caption)
+        return f'<figure><img src="data:image/png;base64,{data}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
+
+
+HTML_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table.t{border-collapse:collapse;font-size:13px;margin:1em 0}"
+    "table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
+    "table.t th{background:#f3f3f3}img{max-width:100%}figcaption{color:#555;font-size:13px}"
+)
+
+
 @dataclass
 class Document:
     """Blocks rendered both as Markdown (figures linked) and as self-contained HTML (embedded)."""
 
     out: Path
-    blocks: list[tuple[str, object]] = field(default_factory=list)
+    blocks: list[Heading | Text | Bullets | Table | Image] = field(default_factory=list)
 
     def heading(self, text: str, level: int = 2) -> None:
-        self.blocks.append(("heading", (level, text)))
+        self.blocks.append(Heading(text, level))
 
     def text(self, text: str) -> None:
-        self.blocks.append(("text", text))
+        self.blocks.append(Text(text))
 
     def bullets(self, items: Sequence[str]) -> None:
-        self.blocks.append(("bullets", list(items)))
+        self.blocks.append(Bullets(tuple(items)))
 
     def table(self, frame: pd.DataFrame, index: bool = False) -> None:
-        self.blocks.append(("table", frame.reset_index() if index else frame))
+        self.blocks.append(Table(frame.reset_index() if index else frame))
 
     def figure(self, fig: Figure | None, name: str, caption: str) -> None:
         if fig is None:
@@ -424,54 +492,16 @@ class Document:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=90)
         plt.close(fig)
-        self.blocks.append(("figure", (path, caption)))
+        self.blocks.append(Image(path, path.relative_to(self.out).as_posix(), caption))
 
     def markdown(self) -> str:
-        parts = []
-        for kind, content in self.blocks:
-            if kind == "heading":
-                level, text = content
-                parts.append(f"{'#' * level} {text}")
-            elif kind == "text":
-                parts.append(content)
-            elif kind == "bullets":
-                parts.append("\n".join(f"- {item}" for item in content))
-            elif kind == "table":
-                parts.append(markdown_table(content))
-            else:
-                path, caption = content
-                parts.append(f"![{caption}]({path.relative_to(self.out).as_posix()})\n\n*{caption}*")
-        return "\n\n".join(parts) + "\n"
+        return "\n\n".join(block.markdown() for block in self.blocks) + "\n"
 
     def html(self, title: str) -> str:
-        parts = []
-        for kind, content in self.blocks:
-            if kind == "heading":
-                level, text = content
-                parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
-            elif kind == "text":
-                parts.append(f"<p>{html.escape(content)}</p>")
-            elif kind == "bullets":
-                parts.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in content) + "</ul>")
-            elif kind == "table":
-                parts.append(content.to_html(index=False, float_format=_fmt, na_rep="", border=0, classes="t"))
-            else:
-                path, caption = content
-                data = base64.b64encode(path.read_bytes()).decode()
-                parts.append(
-                    f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-                )
-        style = (
-            "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-            "table.t{border-collapse:collapse;font-size:13px;margin:1em 0}"
-            "table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
-            "table.t th{background:#f3f3f3}img{max-width:100%}figcaption{color:#555;font-size:13px}"
-        )
-        body = "\n".join(parts)
+        body = "\n".join(block.html() for block in self.blocks)
         return (
             f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head>\n<body>\n{body}\n</body></html>\n"
+            f"<style>{HTML_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
         )
 
 
