@@ -48,9 +48,10 @@ def train(cfg: DictConfig) -> float:
     device = check_inputs(cfg)
     if cfg.trainer.deterministic:
         make_deterministic()
-    if parallel_jobs() is not None:
+    jobs_at_once = parallel_jobs()
+    if jobs_at_once is not None:
         device = device_for_job(device, HydraConfig.get().job.num, torch.cuda.device_count())
-    torch.set_num_threads(cpu_threads(cfg.trainer.num_threads, parallel_jobs()))
+    torch.set_num_threads(cpu_threads(cfg.trainer.num_threads, jobs_at_once))
     cfg_hash = config_hash(cfg)
     if cfg.resume and (finished := tracking.find_run(cfg, cfg_hash, "FINISHED")):
         log.info(f"resume: {finished.info.run_name} already finished as run {finished.info.run_id}; skipped")
@@ -71,11 +72,11 @@ def train(cfg: DictConfig) -> float:
     checkpoint = checkpoint_path(launch_dir() / cfg.trainer.checkpoint_dir, cfg_hash)
     unfinished = tracking.find_run(cfg, cfg_hash, "RUNNING") if cfg.resume and checkpoint.is_file() else None
     history = load_checkpoint(checkpoint, model, optimizer, generator) if unfinished else []
-    log.info(f"{tracking.run_name(cfg)} on {device} ({torch.get_num_threads()} CPU threads), {num_params:,} parameters:\n{model}")
+    title = tracking.run_name(cfg)
+    log.info(f"{title} on {device} ({torch.get_num_threads()} CPU threads), {num_params:,} parameters:\n{model}")
     probe = ActivationProbe(
         model, data.test.x[: cfg.probe.num_samples], cfg.activation.name, cfg.probe.saturation_margin, cfg.probe.bins
     )
-    title = tracking.run_name(cfg)
 
     resume_run_id = unfinished.info.run_id if unfinished else None
     with tracking.job_run(cfg, num_params, cfg_hash, resume_run_id), tempfile.TemporaryDirectory() as workdir:
@@ -87,15 +88,15 @@ def train(cfg: DictConfig) -> float:
         elif probe_log:
             probe_log(0)  # the distributions at initialisation
 
-        def on_epoch_end(metrics: EpochMetrics) -> None:
-            save_checkpoint(checkpoint, cfg, model, optimizer, generator, [*history, metrics])
-            history.append(metrics)
+        def on_epoch_end(history: list[EpochMetrics]) -> None:
+            save_checkpoint(checkpoint, cfg, model, optimizer, generator, history)
+            metrics = history[-1]
             log.info(metrics.log_line())
             tracking.log_epoch(metrics)
             if probe_log:
                 probe_log(metrics.epoch)
 
-        fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history=list(history))
+        history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history=history)
         test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size)
         log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
         tracking.log_test(test_loss, test_acc)

@@ -190,11 +190,12 @@ def fit(
     data: DataSplits,
     cfg: DictConfig,
     generator: torch.Generator,
-    on_epoch_end: Callable[[EpochMetrics], None] | None = None,
+    on_epoch_end: Callable[[list[EpochMetrics]], None] | None = None,
     history: Sequence[EpochMetrics] = (),
 ) -> list[EpochMetrics]:
-    """Train up to `cfg.max_epochs` epochs (`cfg` is the `trainer` node), validating after each;
-    a resumed job passes the `history` of the epochs it already has."""
+    """Train up to `cfg.max_epochs` epochs (`cfg` is the `trainer` node), validating after each
+    and calling `on_epoch_end` with the history so far; a resumed job passes the `history` of the
+    epochs it already has."""
     show_bar = sys.stderr.isatty() if cfg.progress_bar == "auto" else bool(cfg.progress_bar)
     history = list(history)
     for epoch in range(len(history) + 1, cfg.max_epochs + 1):
@@ -212,5 +213,5 @@ def fit(
         )
         history.append(metrics)
         if on_epoch_end is not None:
-            on_epoch_end(metrics)
+            on_epoch_end(history)
     return history

@@ -92,12 +92,15 @@ def _parent_run_id() -> str | None:
     return os.environ.get(PARENT_RUN_ENV) if in_multirun else None
 
 
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// store (None for other stores)."""
+    return Path(tracking_uri.removeprefix("sqlite:///")).resolve() if tracking_uri.startswith("sqlite:///") else None
+
+
 def artifact_location(tracking_uri: str) -> str | None:
     """For a SQLite store, `mlartifacts/` beside the database file; otherwise the server decides."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
-    return (database.parent / "mlartifacts").as_uri()
+    database = sqlite_database(tracking_uri)
+    return (database.parent / "mlartifacts").as_uri() if database else None
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
@@ -111,10 +114,10 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
 def _store_lock(tracking_uri: str) -> Iterator[None]:
     """For a SQLite store, an exclusive lock on `<database>.lock`: processes that meet a fresh
     store would otherwise race its schema migration and the experiment's creation."""
-    if not tracking_uri.startswith("sqlite:///"):
+    database = sqlite_database(tracking_uri)
+    if database is None:
         yield
         return
-    database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{database}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
