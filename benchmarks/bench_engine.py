@@ -29,10 +29,11 @@ from torch import nn
 from torch.utils.data import DataLoader, random_split
 from torchvision import datasets, transforms
 
-from mlpsweep.cli import CONFIG_DIR
+from mlpsweep.config import CONFIG_DIR
 from mlpsweep.data import load_splits
 from mlpsweep.engine import build_optimizer, fit, resolve_device, seed_everything
 from mlpsweep.model import build_model
+from mlpsweep.steps import step_kind
 
 REPO_ROOT = CONFIG_DIR.parent
 MODELS = {
@@ -100,29 +101,38 @@ def time_classic(cfg: DictConfig, device: torch.device, epochs: int) -> tuple[li
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def time_engine(cfg: DictConfig, device: torch.device, epochs: int) -> tuple[list[float], float]:
+def time_engine(cfg: DictConfig, device: torch.device, epochs: int) -> tuple[list[float], float, str]:
+    """Seconds per epoch, the last validation accuracy, and which training step the engine used."""
     seed_everything(cfg.seed)
     data = load_splits(cfg.data, device)
     model = build_model(cfg, data.num_features, data.num_classes).to(device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    kind = step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision)
     cfg.trainer.max_epochs = epochs
     history = fit(model, optimizer, data, cfg.trainer, torch.Generator(device=device).manual_seed(cfg.seed))
-    return [m.epoch_time_s for m in history], history[-1].val_acc
+    return [m.epoch_time_s for m in history], history[-1].val_acc, kind
+
+
+def engine_variants(device: torch.device) -> dict[str, list[str]]:
+    """The engine as it runs by default, with autograd only, and (on a GPU) with bf16 autocast."""
+    variants = {"mlpsweep engine, autograd": ["trainer.fast_step=false"], "mlpsweep engine": []}
+    if device.type == "cuda":
+        variants["mlpsweep engine, bf16"] = ["trainer.precision=bf16"]
+    return variants
 
 
 def epoch_mode(args: argparse.Namespace, device: torch.device) -> None:
-    print(f"| model | loop | s/epoch (median of {args.epochs}) | samples/s | val acc after {args.epochs + 1} epochs | speed-up |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| model | loop | step | s/epoch (median of {args.epochs}) | samples/s | val acc after {args.epochs + 1} epochs | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, overrides in MODELS.items():
-        cfg = compose_cfg(overrides + [f"trainer.device={device}", "trainer.progress_bar=false", *args.override])
-        results = {
-            "classic DataLoader": time_classic(cfg, device, args.epochs + 1),
-            "mlpsweep engine": time_engine(cfg, device, args.epochs + 1),
-        }
-        classic_s = statistics.median(results["classic DataLoader"][0][1:])
-        for loop, (times, val_acc) in results.items():
-            median = statistics.median(times[1:])  # the first epoch is the warm-up
-            print(f"| {name} | {loop} | {median:.3f} | {54000 / median:,.0f} | {val_acc:.4f} | {classic_s / median:.1f}x |", flush=True)
+        base = overrides + [f"trainer.device={device}", "trainer.progress_bar=false", *args.override]
+        times, val_acc = time_classic(compose_cfg(base), device, args.epochs + 1)
+        classic_s = statistics.median(times[1:])  # the first epoch is the warm-up
+        print(f"| {name} | classic DataLoader | autograd | {classic_s:.3f} | {54000 / classic_s:,.0f} | {val_acc:.4f} | 1.0x |")
+        for loop, variant in engine_variants(device).items():
+            times, val_acc, kind = time_engine(compose_cfg(base + variant), device, args.epochs + 1)
+            median = statistics.median(times[1:])
+            print(f"| {name} | {loop} | {kind} | {median:.3f} | {54000 / median:,.0f} | {val_acc:.4f} | {classic_s / median:.1f}x |", flush=True)
 
 
 def sweep_mode(args: argparse.Namespace, device: torch.device) -> None:

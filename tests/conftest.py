@@ -18,7 +18,7 @@ import requests
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mlpsweep.cli import CONFIG_DIR
+from mlpsweep.config import CONFIG_DIR
 
 REPO_ROOT = CONFIG_DIR.parent
 TINY_TRAIN, TINY_TEST, TINY_VAL = 640, 200, 100

@@ -7,8 +7,7 @@ import torch
 from conftest import compose_config
 from hydra.errors import MissingConfigException
 
-from mlpsweep.cli import CONFIG_DIR
-from mlpsweep.config import ConfigError, validate_config
+from mlpsweep.config import CONFIG_DIR, ConfigError, validate_config
 from mlpsweep.engine import resolve_device
 
 GROUPS = ("activation", "norm", "dropout", "depth", "optimizer", "data", "trainer", "tracking")
@@ -76,6 +75,8 @@ def test_unknown_group_option_lists_the_options() -> None:
         ("trainer.max_epochs=-1", "trainer.max_epochs=-1"),
         ("optimizer.lr=0", "optimizer.lr=0"),
         ("data.limit_train=0", "data.limit_train=0"),
+        ("trainer.precision=fp16", "trainer.precision='fp16'"),
+        ("trainer.fast_step=maybe", "trainer.fast_step='maybe'"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(override: str, key: str) -> None:

@@ -23,6 +23,7 @@ from mlpsweep.engine import (
     train_one_epoch,
 )
 from mlpsweep.model import build_model
+from mlpsweep.steps import step_kind, train_step
 
 
 def fit_tiny(cfg: DictConfig, hook: Callable | None = None) -> tuple[list, torch.nn.Module]:
@@ -89,9 +90,22 @@ def test_divergence_stops_training_with_where_it_happened(tiny_cfg: Callable[...
         fit_tiny(tiny_cfg("optimizer.lr=1e30"))
 
 
-def test_fast_epoch_computes_what_a_plain_step_by_step_loop_computes(tiny_cfg: Callable[..., DictConfig]) -> None:
-    """Same batches, same updates: the engine's losses equal a textbook loop's, step for step."""
-    cfg = tiny_cfg("norm=batchnorm", "dropout=lecture", "depth.widths=[64,32]", "optimizer=sgd_momentum")
+@pytest.mark.parametrize(
+    ("overrides", "kind"),
+    [
+        (["depth.widths=[64,32]"], "backprop"),  # ReLU, plain SGD: the lecture's MLP
+        (["activation=sigmoid", "depth.widths=[64,32]"], "backprop"),
+        (["activation=tanh", "model.bias=false", "depth.widths=[48]"], "backprop"),
+        (["activation=leaky_relu", "depth.widths=[64,32,16]"], "backprop"),
+        (["norm=batchnorm", "dropout=lecture", "depth.widths=[64,32]", "optimizer=sgd_momentum"], "autograd"),
+    ],
+    ids=["relu", "sigmoid", "tanh-nobias", "leaky_relu-3", "bn-dropout-momentum"],
+)
+def test_fast_epoch_computes_what_a_plain_step_by_step_loop_computes(
+    tiny_cfg: Callable[..., DictConfig], overrides: list[str], kind: str
+) -> None:
+    """Same batches, same updates: the engine's losses and weights equal a textbook loop's."""
+    cfg = tiny_cfg(*overrides)
     data = load_splits(cfg.data, torch.device("cpu"))
     seed_everything(0)
     model = build_model(cfg, data.num_features, data.num_classes)
@@ -99,7 +113,10 @@ def test_fast_epoch_computes_what_a_plain_step_by_step_loop_computes(tiny_cfg: C
     bs = cfg.trainer.batch_size
 
     torch.manual_seed(1)  # dropout masks
-    losses, _ = train_one_epoch(model, build_optimizer(cfg.optimizer, model.parameters()), data.train, bs, torch.Generator().manual_seed(5))
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    assert step_kind(model, optimizer, fast=True, precision="fp32") == kind
+    step = train_step(model, optimizer, bs, data.num_features)
+    losses, _ = train_one_epoch(model, step, data.train, bs, torch.Generator().manual_seed(5))
 
     torch.manual_seed(1)
     optimizer = build_optimizer(cfg.optimizer, reference.parameters())
@@ -113,9 +130,14 @@ def test_fast_epoch_computes_what_a_plain_step_by_step_loop_computes(tiny_cfg: C
         loss.backward()
         optimizer.step()
         expected.append(loss.item())
-    assert losses.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_trains_on_the_cpu(tiny_cfg: Callable[..., DictConfig]) -> None:
+    history, _ = fit_tiny(tiny_cfg("trainer.precision=bf16", "trainer.max_epochs=3", "depth.widths=[64]"))
+    assert history[-1].train_loss < history[0].train_loss and history[-1].val_acc > 0.8
 
 
 def test_divergence_stops_within_a_check_interval_not_at_the_epoch_end(tiny_cfg: Callable[..., DictConfig]) -> None:

@@ -66,7 +66,7 @@ def test_submitit_local_executor(tiny_mnist_root: Path, tmp_path: Path) -> None:
 def test_slurm_preset_composes() -> None:
     from hydra import compose, initialize_config_dir
 
-    from mlpsweep.cli import CONFIG_DIR
+    from mlpsweep.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)

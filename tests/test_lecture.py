@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from torch import nn
 
-from mlpsweep.cli import CONFIG_DIR, train
+from mlpsweep.cli import train
+from mlpsweep.config import CONFIG_DIR
 from mlpsweep.lecture import verdict
 from mlpsweep.model import build_model, count_parameters
 

@@ -7,7 +7,7 @@ import torch
 from conftest import compose_config
 from torch import nn
 
-from mlpsweep.cli import CONFIG_DIR
+from mlpsweep.config import CONFIG_DIR
 from mlpsweep.model import ACTIVATIONS, build_model, count_parameters
 
 AXIS_OPTIONS = [

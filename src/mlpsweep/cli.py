@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from mlpsweep import tracking
 from mlpsweep.checkpoint import checkpoint_path, config_hash, load_checkpoint, save_checkpoint
 from mlpsweep.checks import INPUT_ERRORS, check_inputs
-from mlpsweep.config import launch_dir, require
+from mlpsweep.config import CONFIG_DIR, launch_dir, require
 from mlpsweep.data import load_splits
 from mlpsweep.engine import (
     EpochMetrics,
@@ -31,11 +31,9 @@ from mlpsweep.engine import (
 )
 from mlpsweep.model import build_model, count_parameters
 from mlpsweep.probe import ActivationProbe
+from mlpsweep.steps import step_kind
 
 log = logging.getLogger(__name__)
-
-# conf/ at the repository root (the package is installed editable from the repository)
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def train(cfg: DictConfig) -> float:
@@ -79,7 +77,8 @@ def train(cfg: DictConfig) -> float:
     )
 
     resume_run_id = unfinished.info.run_id if unfinished else None
-    with tracking.job_run(cfg, num_params, cfg_hash, resume_run_id), tempfile.TemporaryDirectory() as workdir:
+    step = step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision)
+    with tracking.job_run(cfg, num_params, step, cfg_hash, resume_run_id), tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
         if history:
@@ -97,7 +96,7 @@ def train(cfg: DictConfig) -> float:
                 probe_log(metrics.epoch)
 
         history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history=history)
-        test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size)
+        test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size, cfg.trainer.precision)
         log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
         tracking.log_test(test_loss, test_acc)
         confusion = confusion_counts(model, data.test, cfg.trainer.eval_batch_size, data.num_classes)

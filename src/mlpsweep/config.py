@@ -13,6 +13,12 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+# conf/ at the repository root (the package is installed editable from the repository)
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# trainer.precision: fp32, or bf16 autocast
+PRECISIONS = ("fp32", "bf16")
+
 
 class ConfigError(ValueError):
     """A config value is not allowed; the message names the key, the value and what is allowed."""
@@ -52,6 +58,10 @@ def validate_config(cfg: DictConfig) -> None:
     require(threads is None or (_is_int(threads) and threads > 0), "trainer.num_threads", threads, "null or a positive integer")
     bar = cfg.trainer.progress_bar
     require(bar in ("auto", True, False), "trainer.progress_bar", bar, "one of auto, true, false")
+    for key in ("fast_step", "deterministic"):
+        require(isinstance(cfg.trainer[key], bool), f"trainer.{key}", cfg.trainer[key], "true or false")
+    precision = cfg.trainer.precision
+    require(precision in PRECISIONS, "trainer.precision", precision, f"one of {', '.join(PRECISIONS)}")
 
     lr = cfg.optimizer.lr
     require(_is_number(lr) and lr > 0, "optimizer.lr", lr, "a positive number")

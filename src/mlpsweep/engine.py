@@ -3,11 +3,14 @@
 The whole dataset lives on the training device as tensors; each epoch draws a fresh
 permutation and slices mini-batches out of it (no Dataset/DataLoader on the hot path).
 Losses and correct counts stay on the device during an epoch and are read once at its end,
-so a CUDA epoch has no host synchronisation inside it.
+so a CUDA epoch has no host synchronisation inside it. The step itself is the fastest of
+`mlpsweep.steps` that applies (a CUDA graph on a GPU, hand-derived backprop for a plain MLP on a
+CPU, else autograd), all computing the same update.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
@@ -24,6 +27,9 @@ from tqdm import tqdm
 
 from mlpsweep.config import ConfigError, lookup_option
 from mlpsweep.data import DataSplits, Split
+from mlpsweep.steps import TrainStep, autocast, step_kind, train_step
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -104,20 +110,26 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(cfg: DictConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg.name`, with the node's other keys as its arguments."""
+    """The optimizer named by `cfg.name`, with the node's other keys as its arguments.
+    Adam/AdamW on a GPU keep their step count on the device (`capturable`), so that their step
+    can be captured in a CUDA graph."""
     optimizer_cls, kwargs = lookup_option(OPTIMIZERS, "optimizer", cfg)
+    params = list(params)
+    if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) and params and params[0].is_cuda:
+        kwargs["capturable"] = True
     return optimizer_cls(params, **kwargs)
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: Split, batch_size: int, precision: str = "fp32") -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` in eval mode over a whole split."""
     model.eval()
     loss_sum = torch.zeros((), device=split.x.device)
     correct = torch.zeros((), device=split.x.device, dtype=torch.long)
     for start in range(0, len(split), batch_size):
         x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
-        logits = model(x)
+        with autocast(split.x.device, precision):
+            logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(dim=1) == y).sum()
     return loss_sum.item() / len(split), correct.item() / len(split)
@@ -136,20 +148,20 @@ def confusion_counts(model: nn.Module, split: Split, batch_size: int, num_classe
 
 def train_one_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    step: TrainStep,
     split: Split,
     batch_size: int,
     generator: torch.Generator,
     epoch: int = 1,
     progress: tqdm | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """One pass over a fresh permutation of `split`, dropping the last partial batch.
+    """One pass of `step` over a fresh permutation of `split`, dropping the last partial batch.
 
     The split is gathered into shuffled order once, so every step takes a contiguous slice,
-    and the step records only what it must (its loss tensor and its predictions, in place):
-    the hot loop issues as few kernel launches as it can and, on a GPU, no host synchronisation
-    (the losses are checked for NaN/inf at the epoch's end). On the CPU, where a look costs
-    nothing, they are checked every DIVERGENCE_CHECK_EVERY steps, so a diverged run stops early.
+    and the loop records only what it must (each step's loss and predictions, in place): it
+    issues as few kernel launches as it can and, on a GPU, no host synchronisation (the losses
+    are checked for NaN/inf at the epoch's end). On the CPU, where a look costs nothing, they are
+    checked every DIVERGENCE_CHECK_EVERY steps, so a diverged run stops early.
     Returns the per-step losses (on the device) and the training accuracy.
     """
     model.train()
@@ -158,22 +170,18 @@ def train_one_epoch(
     order = torch.randperm(len(split), device=split.x.device, generator=generator)[: steps * batch_size]
     xs, ys = split.x[order], split.y[order]
     predictions = torch.empty_like(ys)
-    losses = []
-    for step, start in enumerate(range(0, steps * batch_size, batch_size), start=1):
-        x, y = xs[start : start + batch_size], ys[start : start + batch_size]
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-        torch.argmax(logits.detach(), dim=1, out=predictions[start : start + batch_size])
+    losses = torch.empty(steps, device=split.x.device)
+    for i, start in enumerate(range(0, steps * batch_size, batch_size)):
+        loss, logits = step(xs[start : start + batch_size], ys[start : start + batch_size])
+        losses[i].copy_(loss)
+        torch.argmax(logits, dim=1, out=predictions[start : start + batch_size])
         if progress is not None:
             progress.update()
-        if step % check_every == 0 or step == steps:
-            window = losses[-check_every:]
-            check_finite(torch.stack(window), epoch, first_step=step - len(window) + 1)
-    return torch.stack(losses), (predictions == ys).float().mean().item()
+        done = i + 1
+        if done % check_every == 0 or done == steps:
+            first = (done - 1) // check_every * check_every
+            check_finite(losses[first:done], epoch, first_step=first + 1)
+    return losses, (predictions == ys).float().mean().item()
 
 
 def check_finite(step_losses: torch.Tensor, epoch: int, first_step: int) -> None:
@@ -198,11 +206,13 @@ def fit(
     epochs it already has."""
     show_bar = sys.stderr.isatty() if cfg.progress_bar == "auto" else bool(cfg.progress_bar)
     history = list(history)
+    log.info(f"training step: {step_kind(model, optimizer, cfg.fast_step, cfg.precision)}, precision {cfg.precision}")
+    step = train_step(model, optimizer, cfg.batch_size, data.num_features, cfg.fast_step, cfg.precision)
     for epoch in range(len(history) + 1, cfg.max_epochs + 1):
         start = time.perf_counter()
         with tqdm(total=len(data.train) // cfg.batch_size, desc=f"epoch {epoch}", leave=False, disable=not show_bar) as bar:
-            step_losses, train_acc = train_one_epoch(model, optimizer, data.train, cfg.batch_size, generator, epoch, bar)
-        val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size)
+            step_losses, train_acc = train_one_epoch(model, step, data.train, cfg.batch_size, generator, epoch, bar)
+        val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size, cfg.precision)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=step_losses.mean().item(),

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from mlpsweep.cli import CONFIG_DIR
+from mlpsweep.config import CONFIG_DIR
 from mlpsweep.report import Sweep, find_sweep, load_sweep, markdown_table
 from mlpsweep.stats import summarize
 from mlpsweep.tracking import axes, resolve_tracking_uri

@@ -52,8 +52,9 @@ def health_metric(activation: str) -> str | None:
 
 
 def _histogram(values: torch.Tensor, bins: int) -> tuple[list[float], list[int]]:
-    """Bin edges and counts of the finite values (a network that blew up has inf/NaN inside)."""
-    values = values.flatten().float()
+    """Bin edges and counts of the finite values (a network that blew up has inf/NaN inside).
+    Binned on the CPU: CUDA's histc has no deterministic implementation (trainer.deterministic)."""
+    values = values.flatten().float().cpu()
     values = values[torch.isfinite(values)]
     if values.numel() == 0:
         return torch.linspace(0, 1, bins + 1).tolist(), [0] * bins

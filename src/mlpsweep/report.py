@@ -40,8 +40,8 @@ AXIS_ORDER = {
     "norm": ["none", "batchnorm", "layernorm"],
 }
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s")
-# params that never define a config: bookkeeping, and the long forms of the four axes
-IGNORED_PARAMS = re.compile(r"^(seed|num_params|tracking\..*|data\.root|data\.download|(activation|norm|dropout|depth)\..*)$")
+# params that never define a config: bookkeeping (how a run was computed), and the long forms of the four axes
+IGNORED_PARAMS = re.compile(r"^(seed|num_params|train_step|tracking\..*|data\.root|data\.download|(activation|norm|dropout|depth)\..*)$")
 
 
 # --- reading the store ----------------------------------------------------------------------------

@@ -226,8 +226,11 @@ def best_metric(cfg: DictConfig, run_id: str, key: str) -> float:
 
 
 @contextmanager
-def job_run(cfg: DictConfig, num_params: int, cfg_hash: str, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """The MLflow run of one training job: params, config and overrides logged on entry.
+def job_run(
+    cfg: DictConfig, num_params: int, train_step: str, cfg_hash: str, resume_run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run of one training job: params (the config's, its axes, the parameter count and
+    the training step used), config and overrides logged on entry.
 
     In a multirun the run is a child of the sweep's parent run. `resume_run_id` continues an
     unfinished run instead (its params are already there). An exception ends the run FAILED,
@@ -249,7 +252,7 @@ def job_run(cfg: DictConfig, num_params: int, cfg_hash: str, resume_run_id: str 
             if not resume_run_id:
                 container = OmegaConf.to_container(cfg, resolve=True)
                 assert isinstance(container, dict)
-                mlflow.log_params({**flatten(container), **axes(cfg), "num_params": num_params})
+                mlflow.log_params({**flatten(container), **axes(cfg), "num_params": num_params, "train_step": train_step})
                 mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
                 mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
             yield run
