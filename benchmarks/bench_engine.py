@@ -2,12 +2,15 @@
 
     python benchmarks/bench_engine.py                    # per-epoch timing, both lecture models
     python benchmarks/bench_engine.py --mode sweep       # the 6-run activation x norm sweep
+    python benchmarks/bench_engine.py --mode accuracy    # test accuracy of both loops over seeds
     python benchmarks/bench_engine.py --device cuda      # the same on a GPU
 
 The classic loop is the lecture's: torchvision's MNIST with ToTensor() per image, a
 DataLoader of batch 32 (shuffle, drop_last), `.item()` on the loss every step. Both sides train
 the same architecture from the same initial weights with SGD lr 0.1 on the same 54000/6000 split.
 An "epoch" is one training pass plus one validation pass. Needs MNIST under $MNIST_ROOT.
+The two loops draw their validation splits and batch orders differently from the same seed; the
+accuracy mode compares them on the same 10000 test images over several seeds.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from torchvision import datasets, transforms
 
 from mlpsweep.config import CONFIG_DIR
 from mlpsweep.data import load_splits
-from mlpsweep.engine import build_optimizer, fit, resolve_device, seed_everything
+from mlpsweep.engine import EpochMetrics, build_optimizer, evaluate, fit, resolve_device, seed_everything
 from mlpsweep.model import build_model
+from mlpsweep.stats import summarize, welch_difference
 from mlpsweep.steps import step_kind
 
 REPO_ROOT = CONFIG_DIR.parent
@@ -83,34 +87,51 @@ def classic_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train: Dat
     return correct / len(val.dataset)
 
 
-def time_classic(cfg: DictConfig, device: torch.device, epochs: int) -> tuple[list[float], float]:
-    seed_everything(cfg.seed)
-    model = build_model(cfg, 784, 10).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr)
-    train, val = classic_loaders(cfg.data.root, cfg.seed)
-    times, val_acc = [], 0.0
-    for _ in range(epochs):
+class ClassicRun:
+    """The classic loop, one epoch per call."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        seed_everything(cfg.seed)
+        self.device = device
+        self.model = build_model(cfg, 784, 10).to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optimizer.lr)
+        self.train, self.val = classic_loaders(cfg.data.root, cfg.seed)
+        self.val_acc = 0.0
+
+    def epoch(self) -> float:
+        """Train and validate one epoch; return its seconds."""
         start = time.perf_counter()
-        val_acc = classic_epoch(model, optimizer, train, val, device)
-        if device.type == "cuda":
+        self.val_acc = classic_epoch(self.model, self.optimizer, self.train, self.val, self.device)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times, val_acc
+        return time.perf_counter() - start
 
 
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def time_engine(cfg: DictConfig, device: torch.device, epochs: int) -> tuple[list[float], float, str]:
-    """Seconds per epoch, the last validation accuracy, and which training step the engine used."""
-    seed_everything(cfg.seed)
-    data = load_splits(cfg.data, device)
-    model = build_model(cfg, data.num_features, data.num_classes).to(device)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    kind = step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision)
-    cfg.trainer.max_epochs = epochs
-    history = fit(model, optimizer, data, cfg.trainer, torch.Generator(device=device).manual_seed(cfg.seed))
-    return [m.epoch_time_s for m in history], history[-1].val_acc, kind
+class EngineRun:
+    """The engine (`fit`), one epoch per call; `kind` is the training step it uses."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        seed_everything(cfg.seed)
+        self.cfg = cfg.trainer
+        self.data = load_splits(cfg.data, device)
+        self.model = build_model(cfg, self.data.num_features, self.data.num_classes).to(device)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.kind = step_kind(self.model, self.optimizer, self.cfg.fast_step, self.cfg.precision)
+        self.history: list[EpochMetrics] = []
+
+    @property
+    def val_acc(self) -> float:
+        return self.history[-1].val_acc
+
+    def epoch(self) -> float:
+        """Train and validate one more epoch (`fit` resumed from the history); return its seconds."""
+        self.cfg.max_epochs = len(self.history) + 1
+        self.history = fit(self.model, self.optimizer, self.data, self.cfg, self.generator, history=self.history)
+        return self.history[-1].epoch_time_s
 
 
 def engine_variants(device: torch.device) -> dict[str, list[str]]:
@@ -122,17 +143,47 @@ def engine_variants(device: torch.device) -> dict[str, list[str]]:
 
 
 def epoch_mode(args: argparse.Namespace, device: torch.device) -> None:
+    """Per model, the classic loop and each engine variant take turns, one epoch each, so that a
+    shared machine's changing speed falls on all of them alike."""
     print(f"| model | loop | step | s/epoch (median of {args.epochs}) | samples/s | val acc after {args.epochs + 1} epochs | speed-up |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, overrides in MODELS.items():
         base = overrides + [f"trainer.device={device}", "trainer.progress_bar=false", *args.override]
-        times, val_acc = time_classic(compose_cfg(base), device, args.epochs + 1)
-        classic_s = statistics.median(times[1:])  # the first epoch is the warm-up
-        print(f"| {name} | classic DataLoader | autograd | {classic_s:.3f} | {54000 / classic_s:,.0f} | {val_acc:.4f} | 1.0x |")
-        for loop, variant in engine_variants(device).items():
-            times, val_acc, kind = time_engine(compose_cfg(base + variant), device, args.epochs + 1)
-            median = statistics.median(times[1:])
-            print(f"| {name} | {loop} | {kind} | {median:.3f} | {54000 / median:,.0f} | {val_acc:.4f} | {classic_s / median:.1f}x |", flush=True)
+        runs: dict[str, ClassicRun | EngineRun] = {"classic DataLoader": ClassicRun(compose_cfg(base), device)}
+        runs |= {loop: EngineRun(compose_cfg(base + variant), device) for loop, variant in engine_variants(device).items()}
+        times: dict[str, list[float]] = {loop: [] for loop in runs}
+        for _ in range(args.epochs + 1):
+            for loop, run in runs.items():
+                times[loop].append(run.epoch())
+        medians = {loop: statistics.median(t[1:]) for loop, t in times.items()}  # the first epoch is the warm-up
+        for loop, run in runs.items():
+            kind = run.kind if isinstance(run, EngineRun) else "autograd"
+            median = medians[loop]
+            speedup = medians["classic DataLoader"] / median
+            print(f"| {name} | {loop} | {kind} | {median:.3f} | {54000 / median:,.0f} | {run.val_acc:.4f} | {speedup:.1f}x |", flush=True)
+
+
+def accuracy_mode(args: argparse.Namespace, device: torch.device) -> None:
+    """Test accuracy (the same 10000 images for both) of the classic loop and the engine after
+    the same epochs, seed by seed, with the mean difference and its Welch 95% interval."""
+    epochs = args.epochs + 1
+    test = load_splits(compose_cfg([]).data, device).test
+    for name, overrides in MODELS.items():
+        print(f"\n{name}, test accuracy after {epochs} epochs:\n")
+        print("| seed | classic DataLoader | mlpsweep engine | step |")
+        print("| --- | --- | --- | --- |")
+        classic, engine = [], []
+        for seed in args.seeds:
+            cfg = compose_cfg(overrides + [f"seed={seed}", f"trainer.device={device}", "trainer.progress_bar=false", *args.override])
+            for run, accuracies in ((ClassicRun(cfg, device), classic), (engine_run := EngineRun(cfg, device), engine)):
+                for _ in range(epochs):
+                    run.epoch()
+                accuracies.append(evaluate(run.model, test, 1000)[1])
+            print(f"| {seed} | {classic[-1]:.4f} | {engine[-1]:.4f} | {engine_run.kind} |", flush=True)
+        (c, e), difference = (summarize(classic), summarize(engine)), welch_difference(engine, classic)
+        print(f"| mean ± std | {c.mean:.4f} ± {c.std:.4f} | {e.mean:.4f} ± {e.std:.4f} | |")
+        print(f"\nengine - classic: {100 * difference.estimate:+.2f} pp, 95% Welch interval "
+              f"[{100 * difference.low:+.2f}, {100 * difference.high:+.2f}] pp", flush=True)
 
 
 def sweep_mode(args: argparse.Namespace, device: torch.device) -> None:
@@ -141,7 +192,9 @@ def sweep_mode(args: argparse.Namespace, device: torch.device) -> None:
     for activation in activations:
         for norm in norms:
             cfg = compose_cfg([f"activation={activation}", f"norm={norm}", f"trainer.device={device}", *args.override])
-            time_classic(cfg, device, args.epochs)
+            run = ClassicRun(cfg, device)
+            for _ in range(args.epochs):
+                run.epoch()
     classic_s = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,9 +215,10 @@ def sweep_mode(args: argparse.Namespace, device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("epoch", "sweep"), default="epoch")
+    parser.add_argument("--mode", choices=("epoch", "sweep", "accuracy"), default="epoch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (epoch mode: after one warm-up epoch)")
+    parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2, 3, 4], help="accuracy mode")
     parser.add_argument("override", nargs="*", help="extra config overrides for the engine, e.g. trainer.num_threads=1")
     args = parser.parse_args()
     if "MNIST_ROOT" not in os.environ:
@@ -172,7 +226,7 @@ def main() -> None:
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores\n")
-    (epoch_mode if args.mode == "epoch" else sweep_mode)(args, device)
+    {"epoch": epoch_mode, "sweep": sweep_mode, "accuracy": accuracy_mode}[args.mode](args, device)
 
 
 if __name__ == "__main__":

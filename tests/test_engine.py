@@ -97,9 +97,11 @@ def test_divergence_stops_training_with_where_it_happened(tiny_cfg: Callable[...
         (["activation=sigmoid", "depth.widths=[64,32]"], "backprop"),
         (["activation=tanh", "model.bias=false", "depth.widths=[48]"], "backprop"),
         (["activation=leaky_relu", "depth.widths=[64,32,16]"], "backprop"),
+        (["norm=batchnorm", "depth.widths=[64,32]"], "backprop"),  # the lecture's BN model
+        (["norm=batchnorm", "activation=sigmoid", "model.bias=false", "depth.widths=[48]"], "backprop"),
         (["norm=batchnorm", "dropout=lecture", "depth.widths=[64,32]", "optimizer=sgd_momentum"], "autograd"),
     ],
-    ids=["relu", "sigmoid", "tanh-nobias", "leaky_relu-3", "bn-dropout-momentum"],
+    ids=["relu", "sigmoid", "tanh-nobias", "leaky_relu-3", "bn-relu", "bn-sigmoid-nobias", "bn-dropout-momentum"],
 )
 def test_fast_epoch_computes_what_a_plain_step_by_step_loop_computes(
     tiny_cfg: Callable[..., DictConfig], overrides: list[str], kind: str
@@ -131,8 +133,8 @@ def test_fast_epoch_computes_what_a_plain_step_by_step_loop_computes(
         optimizer.step()
         expected.append(loss.item())
     assert losses.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)  # weights, and batch-norm statistics
 
 
 def test_bf16_autocast_trains_on_the_cpu(tiny_cfg: Callable[..., DictConfig]) -> None:

@@ -28,7 +28,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GP
         ([], "backprop"),
         (["activation=sigmoid"], "backprop"),
         (["activation=gelu"], "autograd"),  # no hand-derived backward for it
-        (["norm=batchnorm"], "autograd"),
+        (["norm=batchnorm", "activation=tanh"], "backprop"),
+        (["norm=layernorm"], "autograd"),
         (["dropout=lecture"], "autograd"),
         (["optimizer=sgd_momentum"], "autograd"),
         (["optimizer.weight_decay=0.01"], "autograd"),
