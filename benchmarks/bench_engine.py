@@ -218,12 +218,15 @@ def main() -> None:
     parser.add_argument("--mode", choices=("epoch", "sweep", "accuracy"), default="epoch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (epoch mode: after one warm-up epoch)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for both loops (default: all cores)")
     parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2, 3, 4], help="accuracy mode")
     parser.add_argument("override", nargs="*", help="extra config overrides for the engine, e.g. trainer.num_threads=1")
     args = parser.parse_args()
     if "MNIST_ROOT" not in os.environ:
         sys.exit("set MNIST_ROOT to the folder that contains MNIST/raw/")
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores\n")
     {"epoch": epoch_mode, "sweep": sweep_mode, "accuracy": accuracy_mode}[args.mode](args, device)
