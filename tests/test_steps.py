@@ -45,6 +45,11 @@ def test_cpu_step_choice(overrides: list[str], kind: str) -> None:
     assert step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision) == kind
 
 
+def test_a_model_of_another_layout_trains_by_autograd() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(784, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    assert step_kind(model, torch.optim.SGD(model.parameters(), lr=0.1), fast=True, precision="fp32") == "autograd"
+
+
 def test_a_hooked_model_trains_by_autograd_so_its_hooks_see_every_step() -> None:
     model = build_model(compose_config(["depth.widths=[16]"]), 784, 10)
     optimizer = build_optimizer(compose_config().optimizer, model.parameters())

@@ -77,8 +77,8 @@ def train(cfg: DictConfig) -> float:
     )
 
     resume_run_id = unfinished.info.run_id if unfinished else None
-    step = step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision)
-    with tracking.job_run(cfg, num_params, step, cfg_hash, resume_run_id), tempfile.TemporaryDirectory() as workdir:
+    train_step = step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision)
+    with tracking.job_run(cfg, num_params, train_step, cfg_hash, resume_run_id), tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
         if history:

@@ -170,19 +170,22 @@ def backprop_layers(model: nn.Module) -> list[Layer] | None:
     """The model's layers, if it is an MLP that `backprop_step` handles: the factory's layout with
     Linear, optional BatchNorm1d and a ReLU/LeakyReLU/sigmoid/tanh per hidden block, no dropout,
     no layer norm, no hooks. Else None."""
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+    children = list(model.children())
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or not children:
         return None
-    *hidden, head = model.children()
+    *hidden, head = children
     if not isinstance(head, nn.Linear):
         return None
     layers = []
     for block in hidden:
-        linear, *middle, last = block.children()
-        norm = _batch_norm(middle[0]) if len(middle) == 1 else None
-        activation = _activation(last)
-        if not isinstance(linear, nn.Linear) or activation is None or len(middle) > 1 or (middle and norm is None):
+        parts = list(block.children())
+        if len(parts) not in (2, 3) or not isinstance(parts[0], nn.Linear):
             return None
-        layers.append(Layer(linear, norm, activation))
+        norm = _batch_norm(parts[1]) if len(parts) == 3 else None
+        activation = _activation(parts[-1])
+        if activation is None or (len(parts) == 3 and norm is None):
+            return None
+        layers.append(Layer(parts[0], norm, activation))
     return [*layers, Layer(head, None, None)]
 
 
