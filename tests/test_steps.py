@@ -30,7 +30,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GP
         (["activation=gelu"], "autograd"),  # no hand-derived backward for it
         (["norm=batchnorm", "activation=tanh"], "backprop"),
         (["norm=layernorm"], "autograd"),
-        (["dropout=lecture"], "autograd"),
+        (["dropout=lecture"], "backprop"),
         (["optimizer=sgd_momentum"], "autograd"),
         (["optimizer.weight_decay=0.01"], "autograd"),
         (["optimizer=adam"], "autograd"),

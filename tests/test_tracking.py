@@ -41,7 +41,7 @@ def test_a_run_logs_params_metrics_config_and_model(tiny_cfg: Callable[..., Dict
     assert params["trainer.batch_size"] == "32" and params["optimizer.lr"] == "0.1"
     assert params["depth.widths"] == "[64, 32]" and params["data.val_size"] == str(TINY_VAL)
     assert params["num_params"] == str((784 * 64 + 64) + 2 * 64 + (64 * 32 + 32) + 2 * 32 + (32 * 10 + 10))
-    assert params["train_step"] == "autograd"  # dropout: no hand-derived step
+    assert params["train_step"] == "backprop"  # plain SGD on the CPU
 
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]

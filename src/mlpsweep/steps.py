@@ -6,8 +6,8 @@ Three implementations of the same step; `train_step` picks the fastest that appl
   any device; the reference the others are tested against.
 - `cuda_graph_step` (CUDA): the autograd step captured once in a CUDA graph and replayed, so a
   step costs one graph launch instead of dozens of kernel launches from Python.
-- `backprop_step` (CPU): for an MLP of Linear, BatchNorm1d and ReLU/LeakyReLU/sigmoid/tanh (no
-  dropout) trained by plain SGD, the gradients written out and each weight updated in the matrix
+- `backprop_step` (CPU): for an MLP of Linear, BatchNorm1d, ReLU/LeakyReLU/sigmoid/tanh and
+  Dropout trained by plain SGD, the gradients written out and each weight updated in the matrix
   product that computes its gradient. At batch 32 eager autograd spends much of a step on per-op
   bookkeeping and on writing and reading gradient buffers; this does the same arithmetic with
   about a third of the operator calls and no gradient buffers.
@@ -159,17 +159,18 @@ def _batch_norm(module: nn.Module) -> nn.BatchNorm1d | None:
 
 
 class Layer(NamedTuple):
-    """Linear -> optional BatchNorm1d -> optional activation (the head has neither)."""
+    """Linear -> optional BatchNorm1d -> activation -> optional dropout (the head: Linear only)."""
 
     linear: nn.Linear
-    norm: nn.BatchNorm1d | None
-    activation: Activation | None
+    norm: nn.BatchNorm1d | None = None
+    activation: Activation | None = None
+    dropout: float = 0.0
 
 
 def backprop_layers(model: nn.Module) -> list[Layer] | None:
     """The model's layers, if it is an MLP that `backprop_step` handles: the factory's layout with
-    Linear, optional BatchNorm1d and a ReLU/LeakyReLU/sigmoid/tanh per hidden block, no dropout,
-    no layer norm, no hooks. Else None."""
+    Linear, optional BatchNorm1d, a ReLU/LeakyReLU/sigmoid/tanh and optional Dropout per hidden
+    block, no layer norm, no hooks. Else None."""
     children = list(model.children())
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or not children:
         return None
@@ -179,14 +180,15 @@ def backprop_layers(model: nn.Module) -> list[Layer] | None:
     layers = []
     for block in hidden:
         parts = list(block.children())
+        dropout = parts.pop() if parts and type(parts[-1]) is nn.Dropout else None
         if len(parts) not in (2, 3) or not isinstance(parts[0], nn.Linear):
             return None
         norm = _batch_norm(parts[1]) if len(parts) == 3 else None
         activation = _activation(parts[-1])
         if activation is None or (len(parts) == 3 and norm is None):
             return None
-        layers.append(Layer(parts[0], norm, activation))
-    return [*layers, Layer(head, None, None)]
+        layers.append(Layer(parts[0], norm, activation, dropout.p if dropout is not None else 0.0))
+    return [*layers, Layer(head)]
 
 
 def backprop_supported(model: nn.Module, optimizer: torch.optim.Optimizer, precision: str) -> bool:
@@ -205,14 +207,15 @@ def backprop_supported(model: nn.Module, optimizer: torch.optim.Optimizer, preci
 def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int) -> TrainStep:
     """Forward, cross-entropy and SGD update of an MLP with the gradients written out:
 
-        z_l = a_{l-1} W_l^T + b_l, h_l = BN(z_l) or z_l, a_l = act(h_l);  dL/dz_L = (softmax(z_L) - onehot(y)) / B
-        dL/dh_l = dL/da_l * act'(h_l);  dL/dz_l, dL/dgamma_l, dL/dbeta_l: ATen's batch-norm backward
+        z_l = a_{l-1} W_l^T + b_l, h_l = BN(z_l) or z_l, a_l = act(h_l) * m_l;  dL/dz_L = (softmax(z_L) - onehot(y)) / B
+        dL/dh_l = dL/da_l * m_l * act'(h_l);  dL/dz_l, dL/dgamma_l, dL/dbeta_l: ATen's batch-norm backward
         dL/da_{l-1} = dL/dz_l W_l;  W_l -= lr dL/dz_l^T a_{l-1};  b_l -= lr sum_batch dL/dz_l
 
-    Batch norm runs through ATen's own forward and backward kernels (the ones autograd calls),
-    updating the running statistics as the module does. Each gradient goes back through a layer's
-    weights before they are updated, and W_l is updated inside the product that computes its
-    gradient (`addmm_`, alpha = -lr / B), so its gradient is never stored. Only where
+    m_l is the dropout mask (ones without dropout), drawn from the default generator exactly as
+    ATen's CPU dropout draws it. Batch norm runs through ATen's own forward and backward kernels
+    (the ones autograd calls), updating the running statistics as the module does. Each gradient
+    goes back through a layer's weights before they are updated, and W_l is updated inside the
+    product that computes its gradient (`addmm_`, alpha = -lr / B), so its gradient is never stored. Only where
     `backprop_supported` says so; tests/test_engine.py checks it against a textbook loop.
     """
     layers = backprop_layers(model)
@@ -223,9 +226,10 @@ def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size
 
     @torch.no_grad()
     def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        inputs, norm_saved = [], []  # per layer: its input; its linear output and batch statistics
+        inputs, outputs = [], []  # per layer: its input, its activation's output
+        norm_saved, masks = [], []  # per norm: its input and batch statistics; per dropout: its mask
         a = x
-        for linear, norm, activation in layers:
+        for linear, norm, activation, p in layers:
             inputs.append(a)
             a = F.linear(a, linear.weight, linear.bias)
             if norm is not None:
@@ -237,15 +241,21 @@ def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size
                 norm_saved.append((z, mean, invstd))
             if activation is not None:
                 a = activation.forward(a)
+                outputs.append(a)
+            if p > 0:  # as ATen's CPU dropout draws and scales its mask
+                masks.append(torch.empty_like(a).bernoulli_(1 - p).div_(1 - p))
+                a = a * masks[-1]
         logits = a
         log_probs = torch.log_softmax(logits, dim=1)
         loss = F.nll_loss(log_probs, y)
         grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), minus_one)  # B * dL/dz_L
         alpha = -group["lr"] / batch_size
         for i in reversed(range(len(layers))):
-            linear, norm, activation = layers[i]
-            if activation is not None:  # a hidden layer: its output is the next layer's input
-                grad = activation.scale_grad(grad, inputs[i + 1])
+            linear, norm, activation, p = layers[i]
+            if p > 0:
+                grad.mul_(masks.pop())
+            if activation is not None:
+                grad = activation.scale_grad(grad, outputs[i])
             if norm is not None:
                 z, mean, invstd = norm_saved.pop()
                 grad, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
@@ -282,7 +292,7 @@ def train_step(
     precision: str = "fp32",
 ) -> TrainStep:
     """The fastest step that computes what `autograd_step` computes (see `step_kind`): a CUDA graph
-    on a GPU, hand-derived backprop for an MLP without dropout trained by plain SGD on a CPU, else
+    on a GPU, hand-derived backprop for an MLP trained by plain SGD on a CPU, else
     autograd."""
     kind = step_kind(model, optimizer, fast, precision)
     if kind == "cuda_graph":
