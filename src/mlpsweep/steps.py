@@ -215,8 +215,9 @@ def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size
     ATen's CPU dropout draws it. Batch norm runs through ATen's own forward and backward kernels
     (the ones autograd calls), updating the running statistics as the module does. Each gradient
     goes back through a layer's weights before they are updated, and W_l is updated inside the
-    product that computes its gradient (`addmm_`, alpha = -lr / B), so its gradient is never stored. Only where
-    `backprop_supported` says so; tests/test_engine.py checks it against a textbook loop.
+    product that computes its gradient (`addmm_`, alpha = -lr / B), so its gradient is never
+    stored. Only where `backprop_supported` says so; tests/test_engine.py checks it against a
+    textbook loop.
     """
     layers = backprop_layers(model)
     if layers is None:
