@@ -34,10 +34,10 @@ from torchvision import datasets, transforms
 
 from mlpsweep.config import CONFIG_DIR
 from mlpsweep.data import load_splits
-from mlpsweep.engine import EpochMetrics, build_optimizer, evaluate, fit, resolve_device, seed_everything
+from mlpsweep.engine import EpochMetrics, build_optimizer, evaluate, fit_epoch, resolve_device, seed_everything
 from mlpsweep.model import build_model
 from mlpsweep.stats import summarize, welch_difference
-from mlpsweep.steps import step_kind
+from mlpsweep.steps import train_step
 
 REPO_ROOT = CONFIG_DIR.parent
 MODELS = {
@@ -111,16 +111,18 @@ class ClassicRun:
 
 
 class EngineRun:
-    """The engine (`fit`), one epoch per call; `kind` is the training step it uses."""
+    """The engine (`fit`'s epochs), one epoch per call; `kind` is the training step it uses."""
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
         seed_everything(cfg.seed)
         self.cfg = cfg.trainer
         self.data = load_splits(cfg.data, device)
         self.model = build_model(cfg, self.data.num_features, self.data.num_classes).to(device)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
+        optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.kind = step_kind(self.model, self.optimizer, self.cfg.fast_step, self.cfg.precision)
+        self.kind, self.step = train_step(
+            self.model, optimizer, self.cfg.batch_size, self.data.num_features, self.cfg.fast_step, self.cfg.precision
+        )
         self.history: list[EpochMetrics] = []
 
     @property
@@ -128,9 +130,9 @@ class EngineRun:
         return self.history[-1].val_acc
 
     def epoch(self) -> float:
-        """Train and validate one more epoch (`fit` resumed from the history); return its seconds."""
-        self.cfg.max_epochs = len(self.history) + 1
-        self.history = fit(self.model, self.optimizer, self.data, self.cfg, self.generator, history=self.history)
+        """Train and validate one more epoch; return its seconds."""
+        epoch = len(self.history) + 1
+        self.history.append(fit_epoch(self.model, self.step, self.data, self.cfg, self.generator, epoch))
         return self.history[-1].epoch_time_s
 
 

@@ -120,7 +120,7 @@ def test_fast_epoch_computes_what_a_plain_step_by_step_loop_computes(
     torch.manual_seed(1)  # dropout masks
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     assert step_kind(model, optimizer, fast=True, precision="fp32") == kind
-    step = train_step(model, optimizer, bs, data.num_features)
+    _, step = train_step(model, optimizer, bs, data.num_features)
     losses, _ = train_one_epoch(model, step, data.train, bs, torch.Generator().manual_seed(5))
 
     torch.manual_seed(1)

@@ -71,7 +71,7 @@ def test_cuda_graph_step_computes_what_the_autograd_step_computes(overrides: lis
     reference = copy.deepcopy(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     assert step_kind(model, optimizer, fast=True, precision="fp32") == "cuda_graph"
-    graphed = train_step(model, optimizer, 32, 784)
+    _, graphed = train_step(model, optimizer, 32, 784)
     eager = autograd_step(reference, build_optimizer(cfg.optimizer, reference.parameters()))
     for p, q in zip(model.state_dict().values(), reference.state_dict().values(), strict=True):
         assert torch.equal(p, q)  # the capture's warm-up steps were undone

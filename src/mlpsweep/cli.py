@@ -78,7 +78,8 @@ def train(cfg: DictConfig) -> float:
 
     resume_run_id = unfinished.info.run_id if unfinished else None
     train_step = step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision)
-    with tracking.job_run(cfg, num_params, train_step, cfg_hash, resume_run_id), tempfile.TemporaryDirectory() as workdir:
+    run = tracking.job_run(cfg, num_params, train_step, cfg_hash, resume_run_id)
+    with run, tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
         if history:
@@ -99,7 +100,9 @@ def train(cfg: DictConfig) -> float:
         test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size, cfg.trainer.precision)
         log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
         tracking.log_test(test_loss, test_acc)
-        confusion = confusion_counts(model, data.test, cfg.trainer.eval_batch_size, data.num_classes)
+        confusion = confusion_counts(
+            model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision
+        )
         tracking.log_run_figures(history, confusion, title)
         if probe_log:
             probe_log.finish(run_seconds=time.perf_counter() - start)

@@ -15,7 +15,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mlpsweep.config import ConfigError, lookup_option
 from mlpsweep.data import DataSplits, Split
-from mlpsweep.steps import TrainStep, autocast, step_kind, train_step
+from mlpsweep.steps import TrainStep, autocast, train_step
 
 log = logging.getLogger(__name__)
 
@@ -120,29 +120,38 @@ def build_optimizer(cfg: DictConfig, params: Iterable[nn.Parameter]) -> torch.op
     return optimizer_cls(params, **kwargs)
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int, precision: str = "fp32") -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` in eval mode over a whole split."""
+def _eval_batches(
+    model: nn.Module, split: Split, batch_size: int, precision: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) of `model` in eval mode, batch by batch over a whole split (the callers
+    run under inference mode)."""
     model.eval()
-    loss_sum = torch.zeros((), device=split.x.device)
-    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
     for start in range(0, len(split), batch_size):
         x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
         with autocast(split.x.device, precision):
             logits = model(x)
+        yield logits, y
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, batch_size: int, precision: str = "fp32") -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` in eval mode over a whole split."""
+    loss_sum = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
+    for logits, y in _eval_batches(model, split, batch_size, precision):
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(dim=1) == y).sum()
     return loss_sum.item() / len(split), correct.item() / len(split)
 
 
 @torch.inference_mode()
-def confusion_counts(model: nn.Module, split: Split, batch_size: int, num_classes: int) -> torch.Tensor:
+def confusion_counts(
+    model: nn.Module, split: Split, batch_size: int, num_classes: int, precision: str = "fp32"
+) -> torch.Tensor:
     """[true class, predicted class] counts of `model` in eval mode over a split."""
-    model.eval()
     counts = torch.zeros(num_classes * num_classes, device=split.x.device, dtype=torch.long)
-    for start in range(0, len(split), batch_size):
-        predicted = model(split.x[start : start + batch_size]).argmax(dim=1)
-        counts += torch.bincount(split.y[start : start + batch_size] * num_classes + predicted, minlength=num_classes**2)
+    for logits, y in _eval_batches(model, split, batch_size, precision):
+        counts += torch.bincount(y * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
     return counts.reshape(num_classes, num_classes).cpu()
 
 
@@ -192,6 +201,25 @@ def check_finite(step_losses: torch.Tensor, epoch: int, first_step: int) -> None
         raise DivergenceError(f"loss diverged to {step_losses[i].item()} at epoch {epoch}, step {first_step + i}")
 
 
+def fit_epoch(
+    model: nn.Module, step: TrainStep, data: DataSplits, cfg: DictConfig, generator: torch.Generator, epoch: int
+) -> EpochMetrics:
+    """Train one epoch with `step` and validate (`cfg` is the `trainer` node)."""
+    show_bar = sys.stderr.isatty() if cfg.progress_bar == "auto" else bool(cfg.progress_bar)
+    start = time.perf_counter()
+    with tqdm(total=len(data.train) // cfg.batch_size, desc=f"epoch {epoch}", leave=False, disable=not show_bar) as bar:
+        step_losses, train_acc = train_one_epoch(model, step, data.train, cfg.batch_size, generator, epoch, bar)
+    val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size, cfg.precision)
+    return EpochMetrics(
+        epoch=epoch,
+        train_loss=step_losses.mean().item(),
+        train_acc=train_acc,
+        val_loss=val_loss,
+        val_acc=val_acc,
+        epoch_time_s=time.perf_counter() - start,
+    )
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -204,24 +232,11 @@ def fit(
     """Train up to `cfg.max_epochs` epochs (`cfg` is the `trainer` node), validating after each
     and calling `on_epoch_end` with the history so far; a resumed job passes the `history` of the
     epochs it already has."""
-    show_bar = sys.stderr.isatty() if cfg.progress_bar == "auto" else bool(cfg.progress_bar)
     history = list(history)
-    log.info(f"training step: {step_kind(model, optimizer, cfg.fast_step, cfg.precision)}, precision {cfg.precision}")
-    step = train_step(model, optimizer, cfg.batch_size, data.num_features, cfg.fast_step, cfg.precision)
+    kind, step = train_step(model, optimizer, cfg.batch_size, data.num_features, cfg.fast_step, cfg.precision)
+    log.info(f"training step: {kind}, precision {cfg.precision}")
     for epoch in range(len(history) + 1, cfg.max_epochs + 1):
-        start = time.perf_counter()
-        with tqdm(total=len(data.train) // cfg.batch_size, desc=f"epoch {epoch}", leave=False, disable=not show_bar) as bar:
-            step_losses, train_acc = train_one_epoch(model, step, data.train, cfg.batch_size, generator, epoch, bar)
-        val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size, cfg.precision)
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=step_losses.mean().item(),
-            train_acc=train_acc,
-            val_loss=val_loss,
-            val_acc=val_acc,
-            epoch_time_s=time.perf_counter() - start,
-        )
-        history.append(metrics)
+        history.append(fit_epoch(model, step, data, cfg, generator, epoch))
         if on_epoch_end is not None:
             on_epoch_end(history)
     return history

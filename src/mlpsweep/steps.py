@@ -291,13 +291,13 @@ def train_step(
     num_features: int,
     fast: bool = True,
     precision: str = "fp32",
-) -> TrainStep:
-    """The fastest step that computes what `autograd_step` computes (see `step_kind`): a CUDA graph
-    on a GPU, hand-derived backprop for an MLP trained by plain SGD on a CPU, else
+) -> tuple[str, TrainStep]:
+    """The fastest step that computes what `autograd_step` computes, and its kind (`step_kind`):
+    a CUDA graph on a GPU, hand-derived backprop for an MLP trained by plain SGD on a CPU, else
     autograd."""
     kind = step_kind(model, optimizer, fast, precision)
     if kind == "cuda_graph":
-        return cuda_graph_step(model, optimizer, batch_size, num_features, precision)
+        return kind, cuda_graph_step(model, optimizer, batch_size, num_features, precision)
     if kind == "backprop":
-        return backprop_step(model, optimizer, batch_size)
-    return autograd_step(model, optimizer, precision)
+        return kind, backprop_step(model, optimizer, batch_size)
+    return kind, autograd_step(model, optimizer, precision)
