@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -118,25 +122,78 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextmanager
-def mlflow_server(store_dir: Path) -> Iterator[str]:
-    """A real `mlflow server` on a free loopback port over store_dir/mlflow.db; yields its URI."""
-    store_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_uri(store_dir),
-               "--artifacts-destination", str(store_dir / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    server = subprocess.Popen(command, cwd=store_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while not _answers(uri):
-            if time.monotonic() > deadline or server.poll() is not None:
-                pytest.fail("mlflow server did not come up")
+class MlflowServer:
+    """A real `mlflow server` on one loopback port, which can be stopped (or killed) and started again
+    on the same port: over `backend_store_uri` (default store_dir/mlflow.db), with its artifacts in
+    `artifacts_dir` (default store_dir/artifacts). Its log is store_dir/server.log."""
+
+    def __init__(
+        self, store_dir: Path, backend_store_uri: str | None = None, artifacts_dir: Path | None = None
+    ) -> None:
+        self.store_dir = store_dir
+        self.backend_store_uri = backend_store_uri or sqlite_uri(store_dir)
+        self.artifacts_dir = artifacts_dir or store_dir / "artifacts"
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> str:
+        """Start the server (its own process group: the server and its workers) and wait until it answers."""
+        assert self._process is None, "already started"
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
+                   "--artifacts-destination", str(self.artifacts_dir), "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        with open(self.store_dir / "server.log", "ab") as log:
+            self._process = subprocess.Popen(
+                command, cwd=self.store_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while not _answers(self.uri):
+            if time.monotonic() > deadline or self._process.poll() is not None:
+                self.stop()
+                pytest.fail(f"mlflow server did not come up on {self.uri}; see {self.store_dir / 'server.log'}")
             time.sleep(0.5)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        return self.uri
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Send `sig` to the server's process group (SIGKILL: an outage) and wait until none of it is left."""
+        if self._process is None:
+            return
+        process, self._process = self._process, None
+        _signal_group(process.pid, sig)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        _signal_group(process.pid, signal.SIGKILL)  # workers the server left behind would hold the port
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def mlflow_server(
+    store_dir: Path, backend_store_uri: str | None = None, artifacts_dir: Path | None = None
+) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port over store_dir/mlflow.db (or `backend_store_uri`);
+    yields its URI. MlflowServer when a test needs to stop and restart it."""
+    with MlflowServer(store_dir, backend_store_uri, artifacts_dir) as server:
+        yield server.uri
 
 
 def _answers(uri: str) -> bool:
@@ -144,3 +201,67 @@ def _answers(uri: str) -> bool:
         return requests.get(f"{uri}/health", timeout=2).ok
     except requests.RequestException:
         return False
+
+
+def postgres_bin_dir() -> Path | None:
+    """The folder holding PostgreSQL's initdb and pg_ctl: from PATH, else Debian's
+    /usr/lib/postgresql/<version>/bin (not on PATH there), the newest version first."""
+
+    def version(bin_dir: Path) -> tuple[int, ...]:
+        return tuple(int(part) for part in bin_dir.parent.name.split(".") if part.isdigit())
+
+    on_path = shutil.which("pg_ctl")
+    debian = sorted((Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")), key=version, reverse=True)
+    candidates = ([Path(on_path).resolve().parent] if on_path else []) + debian
+    return next((d for d in candidates if (d / "pg_ctl").is_file() and (d / "initdb").is_file()), None)
+
+
+@pytest.fixture(scope="session")
+def postgres_uri() -> Iterator[str]:
+    """A PostgreSQL cluster of its own (temporary folder, free loopback port) with a database and a
+    password user for MLflow; yields postgresql://mlflow:secret@127.0.0.1:PORT/mlflow and stops the
+    cluster at the end. PostgreSQL refuses to run as root: as root the server runs as the `postgres`
+    user, which owns the folder. Skipped when PostgreSQL or its Python drivers are absent, except in CI,
+    where it fails."""
+    bin_dir = postgres_bin_dir()
+    missing = "PostgreSQL (initdb, pg_ctl)" if bin_dir is None else None
+    try:
+        import psycopg2
+        from sqlalchemy.engine import make_url
+
+        make_url("postgresql://").get_dialect().import_dbapi()  # the driver `mlflow server` uses for postgresql://
+    except ImportError as err:
+        missing = missing or f"the PostgreSQL driver {err.name} (pip install -e '.[dev]')"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have {missing}: .ci/run installs it")
+        pytest.skip(f"{missing} not found (apt-get install postgresql; pip install -e '.[dev]')")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="mlpsweep-pg-"))  # under /tmp: pytest's own tmp folders are 0700 root's
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", free_port()
+
+    def run(*command: str) -> None:
+        result = subprocess.run([*as_user, *command], cwd=folder, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            pytest.fail(f"{' '.join(command)} failed ({result.returncode}): {result.stdout}{result.stderr}")
+
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--no-locale", "--no-sync",
+        "--auth-local=trust", "--auth-host=scram-sha-256")  # fmt: skip
+    options = f"-k {folder} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "postgres.log"), "-o", options, "-w", "start")
+    try:
+        admin = psycopg2.connect(host=str(folder), port=port, user="postgres", dbname="postgres")  # the socket, trusted
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute("CREATE ROLE mlflow LOGIN PASSWORD 'secret'")
+            cursor.execute("CREATE DATABASE mlflow OWNER mlflow")
+        admin.close()
+        yield f"postgresql://mlflow:secret@127.0.0.1:{port}/mlflow"
+    finally:
+        try:
+            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -9,10 +9,22 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
+from conftest import REPO_ROOT, free_port, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from mlpsweep.report import config_summary, effect_sentence, effects, find_sweep, load_sweep, pivot, write_report
+from mlpsweep.report import (
+    MAX_NAME,
+    ReportError,
+    config_summary,
+    effect_sentence,
+    effects,
+    find_sweep,
+    load_sweep,
+    main,
+    pivot,
+    safe_name,
+    write_report,
+)
 from mlpsweep.stats import summarize, welch_difference
 from mlpsweep.tracking import ERROR_TAG, FAILED_JOB_TAG_PREFIX, ROLE_TAG, get_or_create_experiment
 
@@ -167,3 +179,135 @@ def test_report_of_a_real_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
 
     page = (out / "report.html").read_text()
     assert page.count("<img src=\"data:image/png;base64,") == len(list((out / "figures").iterdir())) and "figures/" not in page
+
+
+# --- bad arguments: one line, exit status 2, nothing written (no report folder, no store) -------------
+
+MISSING_STORE = "must be an existing MLflow store, and"
+
+
+def report_fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the report's main with `argv`; it must exit with status 2 and one line on stderr, which is returned."""
+    capsys.readouterr()  # what came before, e.g. MLflow creating the store of fill_store
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err.strip()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--baseline", "dropout"], "--baseline='dropout': must be AXIS=VALUE, e.g. norm=none"),
+        (["--baseline", "=relu"], "--baseline='=relu': must be AXIS=VALUE, e.g. norm=none"),
+        (["--baseline", "activation=nonexistent"],
+         "--baseline='activation=nonexistent': must be a value this sweep has for activation: sigmoid, relu"),
+        (["--baseline", "color=red"],
+         "--baseline='color=red': must name one of the report's axes: activation, norm, dropout, depth"),
+        (["--sweep", "no-such-sweep"],
+         "--sweep='no-such-sweep': must be the name or run id of a sweep of this experiment, e.g. known-sweep"),
+        (["--experiment", "nope"], "--experiment='nope': must be an experiment of sqlite:///"),
+    ],
+)  # fmt: skip
+def test_bad_report_arguments(
+    arguments: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill_store(tmp_path)
+    out = tmp_path / "reports"
+    line = report_fails(["--tracking-uri", sqlite_uri(tmp_path), "--out", str(out), *arguments], capsys)
+    assert f"error: {message}" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("store", "path"),
+    [
+        ("sqlite:///{tmp}/no/mlflow.db", "{tmp}/no/mlflow.db"),
+        ("sqlite:///{tmp}/mlflow.db", "{tmp}/mlflow.db"),
+        ("{tmp}/mlruns", "{tmp}/mlruns"),
+        ("file://{tmp}/mlruns", "{tmp}/mlruns"),
+    ],
+)
+def test_a_missing_store_is_not_created(
+    store: str, path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = store.format(tmp=tmp_path)
+    line = report_fails(["--tracking-uri", uri, "--out", str(tmp_path / "reports")], capsys)
+    assert line.endswith(f"error: --tracking-uri={uri!r}: {MISSING_STORE} {path.format(tmp=tmp_path)} does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_store_is_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    line = report_fails([], capsys)
+    assert f"error: --tracking-uri='sqlite:///{tmp_path.resolve()}/mlflow.db': {MISSING_STORE}" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unusable_store_uri(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
+    line = report_fails(["--out", str(tmp_path / "reports")], capsys)
+    allowed = "must be a sqlite:///, http(s)://, postgresql://, mysql:// or file: URI"
+    assert line.endswith(f"error: $MLFLOW_TRACKING_URI='bogus://x': {allowed}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_server_that_does_not_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    line = report_fails(["--tracking-uri", uri, "--out", str(tmp_path / "reports")], capsys)
+    assert f"{uri!r} (or $MLFLOW_TRACKING_URI): no MLflow server answers there" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fill_store(tmp_path)
+    (tmp_path / "taken").write_text("")
+    line = report_fails(["--tracking-uri", sqlite_uri(tmp_path), "--out", str(tmp_path / "taken")], capsys)
+    assert line.endswith(f"error: --out={str(tmp_path / 'taken')!r}: must be a folder, and it is a file")
+
+
+def test_a_good_baseline_through_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fill_store(tmp_path)
+    main(["--tracking-uri", sqlite_uri(tmp_path), "--out", str(tmp_path / "reports"), "--baseline", "norm=batchnorm"])
+    markdown = (tmp_path / "reports" / "known-sweep" / "report.md").read_text()
+    assert "none vs batchnorm, with activation=sigmoid: -5.0 pp" in markdown
+
+
+# --- names are never paths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../../etc", "a/b", "/etc/passwd", "-rf", "x" * 300, "sweep\n2"])
+def test_a_sweep_name_is_never_a_path(name: str, tmp_path: Path) -> None:
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment_id = get_or_create_experiment(client, "mlpsweep")
+    parent = client.create_run(experiment_id, run_name=name, tags={ROLE_TAG: "sweep"})
+    sweep = load_sweep(client, find_sweep(client, experiment_id, None))
+    assert sweep.name == name
+    out = write_report(client, sweep, tmp_path / "reports", baselines={})
+    assert out.parent == tmp_path / "reports" and (out / "report.md").is_file()
+    assert out.name not in ("", ".", "..") and len(out.name) <= MAX_NAME and not out.name.startswith(("-", "."))
+    assert out.name == (parent.info.run_id if name in ("..", ".") else safe_name(name, "unused"))
+
+
+def test_safe_names() -> None:
+    assert [safe_name(text, "RUN") for text in ["", "..", "../../etc", "a/b", "known-sweep", "sweep 1", "x" * 300]] == [
+        "RUN", "RUN", "etc", "a_b", "known-sweep", "sweep_1", "x" * MAX_NAME,
+    ]  # fmt: skip
+
+
+def test_a_link_out_of_the_reports_folder_is_refused(known_sweep, tmp_path: Path) -> None:
+    client, sweep = known_sweep
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "known-sweep").symlink_to(elsewhere)
+    with pytest.raises(ReportError, match="leads outside it"):
+        write_report(client, sweep, tmp_path / "reports", baselines={})
+    assert list(elsewhere.iterdir()) == []

@@ -1,15 +1,26 @@
 """Config hashes and epoch checkpoints: what `resume=true` needs to skip or continue a job.
 
 A checkpoint holds everything the next epoch depends on (model, optimizer, the batch-order
-generator and the global RNGs) plus the history so far and the config itself, so a job killed
-mid-run continues exactly where its last finished epoch left it.
+generator and the global RNGs), the history so far, the MLflow run to continue and the config
+(as YAML, for people to read), so a job killed mid-run continues exactly where its last
+finished epoch left it.
+
+A checkpoint is a file anyone with access to the launch directory can replace, so it holds only
+tensors and plain data and is read with `weights_only=True`: loading one never runs code. It
+belongs to one CheckpointIdentity (store, experiment, config, dataset), whose key names the file
+and whose fields are stored inside and compared on load. Everything in the file is tried on
+copies before anything is restored, so a file that fails any check raises CheckpointError and
+leaves the model, optimizer, generator and RNGs as they were.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import pickle
 import random
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +34,44 @@ from mlpsweep.engine import EpochMetrics
 # keys that cannot change what a run computes: where things go, how it is shown, threads, resume itself
 NOT_HASHED = ("tracking", "resume", "data.root", "data.download", "trainer.progress_bar", "trainer.num_threads",
               "trainer.checkpoint_dir")  # fmt: skip
+KEYS = ("identity", "run_id", "config", "history", "model", "optimizer", "rng")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unsafe to load, truncated or corrupt, or another job's."""
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """What a checkpoint belongs to: the MLflow store and experiment, the config and the dataset."""
+
+    tracking_uri: str
+    experiment: str
+    config_hash: str
+    data_digest: str
+
+    def key(self) -> str:
+        """A short hex key: the sha256 of the fields."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a loaded checkpoint hands back: the MLflow run to continue and the epochs done so far."""
+
+    run_id: str
+    history: list[EpochMetrics]
+
+
+@dataclass(frozen=True)
+class _RngStates:
+    """The RNG states of a checkpoint, in the types their setters take."""
+
+    generator: torch.Tensor
+    torch_cpu: torch.Tensor
+    torch_cuda: list[torch.Tensor] | None
+    numpy: tuple[str, np.ndarray, int, int, float]
+    python: tuple[int, tuple[int, ...], float | None]
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -38,12 +87,15 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(container, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def checkpoint_path(checkpoint_dir: Path, cfg_hash: str) -> Path:
-    return checkpoint_dir / f"{cfg_hash}.pt"
+def checkpoint_path(checkpoint_dir: Path, identity: CheckpointIdentity) -> Path:
+    """Where `identity`'s checkpoint lives in `checkpoint_dir`."""
+    return checkpoint_dir / f"{identity.key()}.pt"
 
 
 def save_checkpoint(
     path: Path,
+    identity: CheckpointIdentity,
+    run_id: str,
     cfg: DictConfig,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -52,15 +104,13 @@ def save_checkpoint(
 ) -> None:
     """Write the state after the last epoch of `history`, atomically (a kill never leaves half a file)."""
     state: dict[str, Any] = {
+        "identity": asdict(identity),
+        "run_id": run_id,
         "config": OmegaConf.to_yaml(cfg, resolve=True),
-        "history": [vars(m) for m in history],
+        "history": [asdict(m) for m in history],
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-        "numpy_rng": np.random.get_state(),
-        "python_rng": random.getstate(),
+        "rng": _rng_states(generator),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -69,16 +119,119 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
-) -> list[EpochMetrics]:
-    """Restore a checkpoint's state into the given objects; return its history."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    path: Path,
+    identity: CheckpointIdentity,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> Resumed:
+    """Restore `identity`'s checkpoint at `path` into the given objects and the global RNGs.
+
+    Raises CheckpointError, with everything left untouched, when the file does not load safely,
+    is another identity's, or does not fit the model and optimizer.
+    """
+    state = _read(path)
+    stored = state["identity"] if isinstance(state["identity"], dict) else {}
+    differing = [f.name for f in fields(identity) if stored.get(f.name) != getattr(identity, f.name)]
+    if differing:
+        verb = "differs" if len(differing) == 1 else "differ"
+        raise CheckpointError(f"{path}: not a checkpoint of this config/store/data ({', '.join(differing)} {verb})")
+    try:  # on copies and scratch RNGs: whatever a malformed (but safely loaded) file makes them raise
+        if not isinstance(state["run_id"], str):
+            raise TypeError(f"run_id is {type(state['run_id']).__name__}, not str")
+        resumed = Resumed(run_id=state["run_id"], history=[EpochMetrics(**m) for m in state["history"]])
+        _check_fits(state["model"], state["optimizer"], model, optimizer)
+        rng = _decode_rng_states(state["rng"], generator.device)
+    except Exception as err:
+        raise CheckpointError(f"{path}: malformed, or not for this model and optimizer ({_reason(err)})") from err
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
-    return [EpochMetrics(**m) for m in state["history"]]
+    _restore_rng_states(rng, generator)
+    return resumed
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The checkpoint's top-level dict, loaded without running anything the file names."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: cannot be loaded safely ({_reason(err)})") from err
+    except Exception as err:  # a zip, EOF or OS error: a truncated or otherwise corrupt file
+        raise CheckpointError(f"{path}: truncated or corrupt ({_reason(err)})") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
+    missing = [key for key in KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint (lacks {', '.join(missing)})")
+    return state
+
+
+def _reason(err: Exception) -> str:
+    """`Type: first sentence of the message` in one line; of torch's long weights-only message, the sentence
+    naming what it refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refused = [line.removeprefix("WeightsUnpickler error: ") for line in lines if "unsupported" in line.lower()]
+    message = (refused[0] if refused else " ".join(lines)).split(". ")[0]
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def _check_fits(
+    model_state: dict[str, Any], optimizer_state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Load both states into copies of the model and optimizer (keys and shapes must match), and check
+    that the optimizer's per-parameter tensors (momentum, Adam's moments) have their parameter's shape."""
+    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+    model_copy.load_state_dict(model_state)
+    optimizer_copy.load_state_dict(optimizer_state)
+    for param, param_state in optimizer_copy.state.items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != param.shape:
+                raise ValueError(f"optimizer {name} is {list(value.shape)}, its parameter {list(param.shape)}")
+
+
+def _rng_states(generator: torch.Generator) -> dict[str, Any]:
+    """The batch-order generator's and the global RNGs' states, as tensors and plain data."""
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "generator": generator.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "numpy": {"algorithm": algorithm, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},  # fmt: skip
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+
+
+def _decode_rng_states(rng: dict[str, Any], generator_device: torch.device) -> _RngStates:
+    """The states of `_rng_states` back in their setters' types, each tried on a scratch RNG."""
+    numpy, python = rng["numpy"], rng["python"]
+    keys = np.array(numpy["keys"], dtype=np.uint32)
+    states = _RngStates(
+        generator=rng["generator"],
+        torch_cpu=rng["torch_cpu"],
+        torch_cuda=rng["torch_cuda"],
+        numpy=(numpy["algorithm"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]),
+        python=(python["version"], tuple(python["internal"]), python["gauss"]),
+    )
+    torch.Generator(device=generator_device).set_state(states.generator)
+    torch.Generator().set_state(states.torch_cpu)
+    for index, state in _cuda_states_to_restore(states.torch_cuda):
+        torch.Generator(device=f"cuda:{index}").set_state(state)
+    np.random.RandomState().set_state(states.numpy)
+    random.Random().setstate(states.python)
+    return states
+
+
+def _cuda_states_to_restore(cuda: list[torch.Tensor] | None) -> list[tuple[int, torch.Tensor]]:
+    """(device index, state) for the saved CUDA states whose device is present here."""
+    return list(enumerate(cuda or []))[: torch.cuda.device_count()]
+
+
+def _restore_rng_states(states: _RngStates, generator: torch.Generator) -> None:
+    generator.set_state(states.generator)
+    torch.set_rng_state(states.torch_cpu)
+    for index, state in _cuda_states_to_restore(states.torch_cuda):
+        torch.cuda.set_rng_state(state, index)
+    np.random.set_state(states.numpy)
+    random.setstate(states.python)

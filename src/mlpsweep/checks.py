@@ -1,21 +1,47 @@
 """Everything checked before training starts: in each job, and for a whole sweep in its launcher.
 
 Each failure is one line that names the key, the value and what is allowed (ConfigError), or
-where the data was looked for and how to point MNIST_ROOT at a copy (DataError).
+where the data was looked for and how to point MNIST_ROOT at a copy (DataError). The checks that
+write nothing come first; the data files last, since a missing dataset may be downloaded.
 """
 
 from __future__ import annotations
 
+import copy
+import re
+import sys
+from typing import Any
+
 import requests
 import torch
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
 
-from mlpsweep.config import ConfigError, validate_config
+from mlpsweep.config import ConfigError, require, validate_config
 from mlpsweep.data import DataError, check_data_files
 from mlpsweep.engine import resolve_device
 from mlpsweep.tracking import resolve_tracking_uri
 
 INPUT_ERRORS = (ConfigError, DataError)
+
+# the stores MLflow tracks to: SQLAlchemy databases (sqlite needs sqlite:///path), a server, a folder, Databricks
+TRACKING_SCHEMES = re.compile(r"sqlite|https?|file|databricks|(postgresql|mysql|mssql)(\+\w+)?")
+TRACKING_URIS = "a sqlite:///, http(s)://, postgresql://, mysql:// or file: URI"
+
+
+def uri_scheme(uri: str) -> str:
+    """The scheme of a tracking URI, lower case: '' for a plain path, 'databricks' for `databricks`."""
+    if uri == "databricks":
+        return uri
+    found = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    return found.group(1).lower() if found else ""
+
+
+def check_tracking_uri(uri: str, key: str = "tracking.uri") -> None:
+    """MLflow can use a store at `uri` (`key` says where it was set): a known scheme or a plain path."""
+    scheme = uri_scheme(uri)
+    known = scheme == "" or TRACKING_SCHEMES.fullmatch(scheme) is not None
+    require(known and (scheme != "sqlite" or uri.startswith("sqlite:///")), key, uri, TRACKING_URIS)
 
 
 def check_tracking_server(tracking_uri: str) -> None:
@@ -31,16 +57,40 @@ def check_tracking_server(tracking_uri: str) -> None:
         ) from None
 
 
-def check_job_inputs(cfg: DictConfig) -> torch.device:
-    """Check the config values, the device and the data files; return the device."""
+def check_settings(cfg: DictConfig) -> torch.device:
+    """The checks that write nothing: the config values, the tracking URI and the device; return the device."""
     validate_config(cfg)
-    device = resolve_device(cfg.trainer.device)
+    uri_key = "tracking.uri" if cfg.tracking.uri else "$MLFLOW_TRACKING_URI"
+    check_tracking_uri(resolve_tracking_uri(cfg.tracking.uri), uri_key)
+    return resolve_device(cfg.trainer.device)
+
+
+def check_job_inputs(cfg: DictConfig) -> torch.device:
+    """Check the settings, then the data files (downloaded when missing and allowed); return the device."""
+    device = check_settings(cfg)
     check_data_files(cfg.data)
     return device
 
 
 def check_inputs(cfg: DictConfig) -> torch.device:
-    """Check everything a job needs, the tracking store included; return the device."""
-    device = check_job_inputs(cfg)
+    """Check everything a job needs, the tracking server included (before any download); return the device."""
+    device = check_settings(cfg)
     check_tracking_server(resolve_tracking_uri(cfg.tracking.uri))
+    check_data_files(cfg.data)
     return device
+
+
+class CheckInputsCallback(Callback):
+    """Checks a single run's input before Hydra creates its output folder (outputs/...), so that
+    bad input ends the command with one line per problem and exit status 2, having written nothing.
+    (A multirun checks every job before it starts, in sweep.MlflowSweepCallback.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        cfg = copy.deepcopy(config)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            check_inputs(cfg)
+        except INPUT_ERRORS as err:
+            print(err, file=sys.stderr)
+            raise SystemExit(2) from None

@@ -1,24 +1,36 @@
-"""The Hydra entry point (`python train.py ...` or `mlpsweep-train ...`) over a plain `train(cfg)`."""
+"""The entry point (`python train.py ...` or `mlpsweep-train ...`): Hydra over a plain `train(cfg)`,
+with an exit status that tells the truth: 0 when every job finished, 1 when any failed, 2 for bad
+input, 130 when interrupted (SIGINT/SIGTERM)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import hydra
 import torch
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mlpsweep import tracking
-from mlpsweep.checkpoint import checkpoint_path, config_hash, load_checkpoint, save_checkpoint
+from mlpsweep import interrupt, tracking
+from mlpsweep.checkpoint import (
+    CheckpointError,
+    CheckpointIdentity,
+    Resumed,
+    checkpoint_path,
+    config_hash,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mlpsweep.checks import INPUT_ERRORS, check_inputs
-from mlpsweep.config import CONFIG_DIR, launch_dir, require
-from mlpsweep.data import load_splits
+from mlpsweep.config import CONFIG_DIR, check_group_overrides, launch_dir, require
+from mlpsweep.data import DataSplits, dataset_digest, load_splits
 from mlpsweep.engine import (
     EpochMetrics,
     build_optimizer,
@@ -32,6 +44,7 @@ from mlpsweep.engine import (
 from mlpsweep.model import build_model, count_parameters
 from mlpsweep.probe import ActivationProbe
 from mlpsweep.steps import step_kind
+from mlpsweep.sweep import close_sweep, current_session, in_launcher_process, resume_command
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +54,12 @@ def train(cfg: DictConfig) -> float:
 
     Everything that can be wrong with the input is checked before the MLflow run starts; errors
     in the input raise ConfigError or DataError (`checks.INPUT_ERRORS`). With `resume=true` a
-    config that already FINISHED is skipped, and a killed one continues from its checkpoint.
+    config that already FINISHED is skipped, and an interrupted or killed one continues from its
+    checkpoint in its own run. An interrupt (SIGINT/SIGTERM) raises Interrupted after the run
+    ended KILLED with its checkpoint kept.
     """
     device = check_inputs(cfg)
+    tracking.configure_store_access(cfg.tracking)
     if cfg.trainer.deterministic:
         make_deterministic()
     jobs_at_once = parallel_jobs()
@@ -51,11 +67,10 @@ def train(cfg: DictConfig) -> float:
         device = device_for_job(device, HydraConfig.get().job.num, torch.cuda.device_count())
     torch.set_num_threads(cpu_threads(cfg.trainer.num_threads, jobs_at_once))
     cfg_hash = config_hash(cfg)
-    if cfg.resume and (finished := tracking.find_run(cfg, cfg_hash, "FINISHED")):
+    if cfg.resume and (finished := tracking.finished_run(cfg, cfg_hash)):
         log.info(f"resume: {finished.info.run_name} already finished as run {finished.info.run_id}; skipped")
         return tracking.best_metric(cfg, finished.info.run_id, "val_acc")
 
-    seed_everything(cfg.seed)
     data = load_splits(cfg.data, device)
     require(
         cfg.trainer.batch_size <= len(data.train),
@@ -63,33 +78,74 @@ def train(cfg: DictConfig) -> float:
         cfg.trainer.batch_size,
         f"at most the number of training images ({len(data.train)})",
     )
-    model = build_model(cfg, data.num_features, data.num_classes).to(device)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def fresh_state() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Generator]:
+        """The model, optimizer and batch-order generator a job of this seed starts from."""
+        seed_everything(cfg.seed)
+        model = build_model(cfg, data.num_features, data.num_classes).to(device)
+        optimizer = build_optimizer(cfg.optimizer, model.parameters())
+        return model, optimizer, torch.Generator(device=device).manual_seed(cfg.seed)
+
+    model, optimizer, generator = fresh_state()
     num_params = count_parameters(model)
-    checkpoint = checkpoint_path(launch_dir() / cfg.trainer.checkpoint_dir, cfg_hash)
-    unfinished = tracking.find_run(cfg, cfg_hash, "RUNNING") if cfg.resume and checkpoint.is_file() else None
-    history = load_checkpoint(checkpoint, model, optimizer, generator) if unfinished else []
+    identity = CheckpointIdentity(
+        tracking_uri=tracking.resolve_tracking_uri(cfg.tracking.uri),
+        experiment=cfg.tracking.experiment,
+        config_hash=cfg_hash,
+        data_digest=dataset_digest(cfg.data.name, cfg.data.root),
+    )
+    checkpoint = checkpoint_path(launch_dir() / cfg.trainer.checkpoint_dir, identity)
+    resume_run_id, history = None, []
+    if cfg.resume:
+        if resumed := resume_from(checkpoint, identity, cfg, model, optimizer, generator):
+            resume_run_id, history = resumed.run_id, resumed.history
+        elif unfinished := tracking.unfinished_run(cfg, cfg_hash):  # stopped before its first checkpoint
+            model, optimizer, generator = fresh_state()
+            resume_run_id = unfinished.info.run_id
+            log.info(f"resume: run {resume_run_id} has no checkpoint; it starts again from epoch 0")
     title = tracking.run_name(cfg)
     log.info(f"{title} on {device} ({torch.get_num_threads()} CPU threads), {num_params:,} parameters:\n{model}")
     probe = ActivationProbe(
         model, data.test.x[: cfg.probe.num_samples], cfg.activation.name, cfg.probe.saturation_margin, cfg.probe.bins
     )
 
-    resume_run_id = unfinished.info.run_id if unfinished else None
     train_step = step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision)
-    run = tracking.job_run(cfg, num_params, train_step, cfg_hash, resume_run_id)
-    with run, tempfile.TemporaryDirectory() as workdir:
+    try:
+        with tracking.job_run(cfg, num_params, train_step, cfg_hash, resume_run_id) as run:
+            history = train_in_run(cfg, run.info.run_id, model, optimizer, generator, data, probe, checkpoint, identity, history)
+    except Exception:
+        checkpoint.unlink(missing_ok=True)  # a failed run is rerun from scratch; interrupts and outages keep it
+        raise
+    checkpoint.unlink(missing_ok=True)  # the run finished; its model is in MLflow
+    return max(m.val_acc for m in history)
+
+
+def train_in_run(
+    cfg: DictConfig,
+    run_id: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    data: DataSplits,
+    probe: ActivationProbe,
+    checkpoint: Path,
+    identity: CheckpointIdentity,
+    history: list[EpochMetrics],
+) -> list[EpochMetrics]:
+    """Inside the job's active MLflow run: train the epochs that `history` lacks (checkpoint and
+    metrics after each), then test and log the figures, the probe and the model."""
+    title = tracking.run_name(cfg)
+    with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
         if history:
-            log.info(f"resume: run {resume_run_id} continues after epoch {len(history)}")
+            log.info(f"resume: run {run_id} continues after epoch {len(history)}")
             tracking.log_missing_epochs(history)
         elif probe_log:
             probe_log(0)  # the distributions at initialisation
 
         def on_epoch_end(history: list[EpochMetrics]) -> None:
-            save_checkpoint(checkpoint, cfg, model, optimizer, generator, history)
+            save_checkpoint(checkpoint, identity, run_id, cfg, model, optimizer, generator, history)
             metrics = history[-1]
             log.info(metrics.log_line())
             tracking.log_epoch(metrics)
@@ -108,8 +164,30 @@ def train(cfg: DictConfig) -> float:
             probe_log.finish(run_seconds=time.perf_counter() - start)
         if cfg.tracking.log_model:
             tracking.log_model(model, data.test.x[:5])
-    checkpoint.unlink(missing_ok=True)  # the run finished; its model is in MLflow
-    return max(m.val_acc for m in history)
+    return history
+
+
+def resume_from(
+    checkpoint: Path,
+    identity: CheckpointIdentity,
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> Resumed | None:
+    """Restore `checkpoint` into the job's state if it is this job's and its run can be continued
+    (else say why in the log and return None: the caller starts from a fresh state)."""
+    if not checkpoint.is_file():
+        return None
+    try:
+        resumed = load_checkpoint(checkpoint, identity, model, optimizer, generator)
+    except CheckpointError as err:
+        log.warning(f"resume: {err}; starting from epoch 0")
+        return None
+    if reason := tracking.continuable_run(cfg, resumed.run_id, identity.config_hash):
+        log.warning(f"resume: {checkpoint} is not continued ({reason}); starting from epoch 0")
+        return None
+    return resumed
 
 
 def make_deterministic() -> None:
@@ -133,20 +211,62 @@ def figure_epochs(cfg: DictConfig) -> set[int]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Run `train(cfg)`. In a multirun a failing job is recorded on the parent run and the sweep goes on."""
+def run_job(cfg: DictConfig) -> float | None:
+    """Hydra's task: `train(cfg)`. In a multirun a failing job is recorded on the parent run and
+    the sweep goes on; an interrupted one stops the sweep (its launcher does, under a parallel
+    launcher), and so does a tracking server that stopped answering."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    interrupt.install(launcher=not multirun or in_launcher_process())
     try:
+        interrupt.check()  # an interrupted sweep starts no new job
         return train(cfg)
-    except INPUT_ERRORS as err:
-        log.error(str(err))
-        if not multirun:
-            raise SystemExit(2) from None
-        failure: Exception = err
+    except interrupt.Interrupted as stop:
+        if multirun and not in_launcher_process():
+            log.warning(f"{tracking.run_name(cfg)}: {stop}; its run is KILLED, its checkpoint kept")
+            return None  # the launcher, signalled too, ends the sweep once its running jobs have stopped
+        raise
     except Exception as err:
-        if not multirun:
+        if multirun and (outage := tracking.server_outage(tracking.resolve_tracking_uri(cfg.tracking.uri))):
+            raise tracking.TrackingOutage(outage) from None  # the next jobs would fail the same way
+        if isinstance(err, INPUT_ERRORS):
+            log.error(str(err))
+            if not multirun:
+                raise SystemExit(2) from None
+        elif not multirun:
             raise
-        log.exception(f"job failed: {err}")
-        failure = err
-    tracking.record_job_failure(cfg, failure)
+        else:
+            log.exception(f"job failed: {err}")
+        tracking.record_job_failure(cfg, err)
     return None  # no objective: the Optuna sweeper marks the trial FAIL and the study goes on
+
+
+def main() -> None:
+    """`python train.py [-m] [overrides]`: check the command line's group options, run Hydra,
+    and exit with the status of what happened (a sweep's from the store, see sweep.close_sweep)."""
+    problems = check_group_overrides(command_line_overrides(sys.argv[1:]))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        sys.exit(2)
+    stop: BaseException | None = None
+    try:
+        run_job()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    except (interrupt.SweepStop, KeyboardInterrupt) as err:
+        stop = err
+        code = getattr(err, "exit_code", 130)
+        if current_session() is None:  # a single run: one line instead of a traceback
+            print(f"{err or 'interrupted'}; continue with: {resume_command()}", file=sys.stderr)
+    if current_session() is not None:
+        code = close_sweep(stop) or code  # the sweep's own line says what happened and how to continue
+    sys.exit(code)
+
+
+def command_line_overrides(argv: list[str]) -> list[str]:
+    """The overrides in Hydra's command line (none when it does not parse: Hydra reports that)."""
+    try:
+        return list(get_args_parser().parse_known_args(argv)[0].overrides)
+    except SystemExit:
+        return []

@@ -1,14 +1,19 @@
 """Load an MNIST-format dataset once into normalised tensors on the training device.
 
-torchvision parses the IDX files (and downloads them when asked); everything after that is
-plain tensor work: a seeded train/validation split, flattening to 784 features in [0, 1], and
-(by default) normalisation by the training images' mean and standard deviation.
+torchvision parses the IDX files (and downloads missing ones when asked, into a temporary folder
+first); everything after that is plain tensor work: a seeded train/validation split, flattening to
+784 features in [0, 1], and (by default) normalisation by the training images' mean and standard
+deviation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import shutil
+import socket
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision import datasets
 
-from mlpsweep.config import ConfigError
+from mlpsweep.config import require
 
 DATASETS: dict[str, type[datasets.MNIST]] = {
     "mnist": datasets.MNIST,
@@ -24,6 +29,9 @@ DATASETS: dict[str, type[datasets.MNIST]] = {
     "kmnist": datasets.KMNIST,
 }
 NUM_CLASSES = 10
+# seconds a download waits for the network at a time (to connect, or for the next bytes): a machine
+# without internet fails at once where names do not resolve, and after this long where packets vanish
+DOWNLOAD_TIMEOUT_S = 10
 
 
 class DataError(FileNotFoundError):
@@ -70,6 +78,18 @@ def raw_folder(name: str, root: str | Path) -> Path:
     return Path(root) / DATASETS[name].__name__ / "raw"
 
 
+def dataset_digest(name: str, root: str | Path) -> str:
+    """A short sha256 hex of the contents of the dataset's four IDX files (each preceded by its name and size)."""
+    digest = hashlib.sha256()
+    for file_name in IDX_FILES:
+        path = raw_folder(name, root) / file_name
+        digest.update(f"{file_name} {path.stat().st_size}\n".encode())
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def _hint(name: str, root: str | Path) -> str:
     return (
         f"data.root={str(root)!r}: point MNIST_ROOT (or data.root) at the folder that contains "
@@ -88,18 +108,76 @@ def _is_complete_idx(path: Path, magic: int, dims: int) -> bool:
     return values[0] == magic and size == header_size + math.prod(values[1:])
 
 
+def _count(path: Path) -> int:
+    """The number of items (images or labels) an IDX file's header declares."""
+    with path.open("rb") as file:
+        file.seek(4)  # after the magic number
+        return struct.unpack(">I", file.read(4))[0]
+
+
+def _label_problem(images: Path, labels: Path) -> str | None:
+    """What is wrong with a labels file (read whole: 60 kB at most) beside its images file (its header only)."""
+    values, num_images = labels.read_bytes()[8:], _count(images)
+    if len(values) != num_images:
+        return f"{labels} has {len(values)} labels for the {num_images} images of {images.name}"
+    if values and max(values) >= NUM_CLASSES:
+        index = next(i for i, value in enumerate(values) if value >= NUM_CLASSES)
+        return f"{labels} has label {values[index]} at index {index}: labels must be in [0, {NUM_CLASSES})"
+    return None
+
+
+def download(name: str, root: str | Path, files: list[str]) -> None:
+    """Download the dataset `name` into a temporary folder and, once all of it arrived, move
+    `files` (the missing IDX files) into its raw folder under `root`. On failure nothing is left
+    behind, under `root` or elsewhere (torchvision alone creates its folders first)."""
+    staging = Path(tempfile.mkdtemp(prefix="mlpsweep-download-"))
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen takes no timeout of its own
+    try:
+        DATASETS[name](root=str(staging), train=False, download=True)
+    except Exception as err:  # whatever failed (network, server, checksum, disk) is one line
+        cause = " ".join(f"{type(err).__name__}: {err}".split())
+        failed = f"downloading {DATASETS[name].__name__} failed, nothing was written"
+        raise DataError(f"{_hint(name, root)}; {failed}: {cause}") from err
+    else:
+        folder = raw_folder(name, root)
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in files:
+            _install(raw_folder(name, staging) / file, folder / file)
+    finally:
+        socket.setdefaulttimeout(timeout)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install(source: Path, target: Path) -> None:
+    """Copy `source` to `target`, which is then either complete or absent."""
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        shutil.copyfile(source, partial)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def check_data_files(cfg: DictConfig) -> None:
-    """Cheap checks of `cfg` (the `data` node) before training: the four IDX files are there
-    (or may be downloaded), and each one's header agrees with its size."""
+    """Checks of `cfg` (the `data` node) before training: the four IDX files are there (downloaded
+    first when missing and `download` is true), each one's header agrees with its size, there is
+    one label in [0, 10) per image, and `val_size` leaves images to train on."""
     folder = raw_folder(cfg.name, cfg.root)
     missing = [name for name in IDX_FILES if not (folder / name).is_file()]
-    if missing:
-        if cfg.download:
-            return  # torchvision fetches them
+    if missing and not cfg.download:
         raise DataError(f"{_hint(cfg.name, cfg.root)}; missing in {folder.resolve()}: {', '.join(missing)}")
+    if missing:
+        download(cfg.name, cfg.root, missing)
     for name, (magic, dims) in IDX_FILES.items():
         if not _is_complete_idx(folder / name, magic, dims):
             raise DataError(f"{_hint(cfg.name, cfg.root)}; {folder / name} is not a complete IDX file (corrupt or truncated)")
+    for prefix in ("train", "t10k"):
+        if found := _label_problem(folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte"):
+            raise DataError(f"{_hint(cfg.name, cfg.root)}; {found}")
+    n = _count(folder / "train-labels-idx1-ubyte")
+    allowed = f"between 1 and {n - 1} (the dataset has {n} training images)"
+    require(0 < cfg.val_size < n, "data.val_size", cfg.val_size, allowed)
 
 
 def read_idx(name: str, root: str | Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +200,6 @@ def load_splits(cfg: DictConfig, device: torch.device) -> DataSplits:
     test_images, test_labels = read_idx(cfg.name, cfg.root, train=False, download=cfg.download)
 
     n = train_labels.shape[0]
-    if not 0 < cfg.val_size < n:
-        raise ConfigError(f"data.val_size={cfg.val_size}: must be between 1 and {n - 1} (the dataset has {n} training images)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
     if cfg.limit_train is not None:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
+from mlpsweep import interrupt
 from mlpsweep.config import ConfigError, lookup_option
 from mlpsweep.data import DataSplits, Split
 from mlpsweep.steps import TrainStep, autocast, train_step
@@ -170,7 +171,8 @@ def train_one_epoch(
     and the loop records only what it must (each step's loss and predictions, in place): it
     issues as few kernel launches as it can and, on a GPU, no host synchronisation (the losses
     are checked for NaN/inf at the epoch's end). On the CPU, where a look costs nothing, they are
-    checked every DIVERGENCE_CHECK_EVERY steps, so a diverged run stops early.
+    checked every DIVERGENCE_CHECK_EVERY steps, so a diverged run stops early. A requested stop
+    (`mlpsweep.interrupt`) raises Interrupted before the next step.
     Returns the per-step losses (on the device) and the training accuracy.
     """
     model.train()
@@ -181,6 +183,7 @@ def train_one_epoch(
     predictions = torch.empty_like(ys)
     losses = torch.empty(steps, device=split.x.device)
     for i, start in enumerate(range(0, steps * batch_size, batch_size)):
+        interrupt.check()  # SIGINT/SIGTERM: stop between steps (the last epoch's checkpoint stays)
         loss, logits = step(xs[start : start + batch_size], ys[start : start + batch_size])
         losses[i].copy_(loss)
         torch.argmax(logits, dim=1, out=predictions[start : start + batch_size])

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
-from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from mlpsweep.config import CONFIG_DIR
-from mlpsweep.report import Sweep, find_sweep, load_sweep, markdown_table
+from mlpsweep.report import ReportError, Sweep, markdown_table, open_sweep
 from mlpsweep.stats import summarize
-from mlpsweep.tracking import axes, resolve_tracking_uri
+from mlpsweep.tracking import axes
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -94,9 +93,10 @@ def main() -> None:
     parser.add_argument("--tracking-uri")
     parser.add_argument("--doc", type=Path, default=CONFIG_DIR.parent / "docs" / "lecture.md")
     args = parser.parse_args()
-    client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
-    experiment = client.get_experiment_by_name(args.experiment)
-    sweep = load_sweep(client, find_sweep(client, experiment.experiment_id, args.sweep))
+    try:
+        sweep = open_sweep(args.tracking_uri, args.experiment, args.sweep)[1]
+    except ReportError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     block = f"{BEGIN}\nSweep `{sweep.name}` ({len(sweep.finished)} finished runs):\n\n{results_table(sweep)}\n{END}"
     text = args.doc.read_text()
     args.doc.write_text(re.sub(f"{re.escape(BEGIN)}.*{re.escape(END)}", lambda _: block, text, flags=re.S))

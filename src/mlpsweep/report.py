@@ -1,9 +1,10 @@
 """Compare the runs of one sweep, reading only the MLflow store.
 
-    python report.py [--sweep NAME_OR_ID] [--experiment NAME] [--tracking-uri URI] [--out DIR]
+    python report.py [--sweep NAME_OR_ID] [--experiment NAME] [--tracking-uri URI] [--out DIR] [--baseline AXIS=VALUE]
 
 writes DIR/<sweep name>/: report.md, a self-contained report.html, runs.csv and figures/*.png,
-and logs them to the sweep's parent run under `report/`.
+and logs them to the sweep's parent run under `report/`. The arguments are checked against the
+store before anything is written, and the report never creates a store.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,6 +32,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from mlpsweep import figures
+from mlpsweep.checks import check_tracking_server, check_tracking_uri, uri_scheme
+from mlpsweep.config import ConfigError
 from mlpsweep.stats import summarize, welch_difference
 from mlpsweep.tracking import ERROR_TAG, FAILED_JOB_TAG_PREFIX, OVERRIDES_TAG, ROLE_TAG, resolve_tracking_uri
 
@@ -42,6 +46,13 @@ AXIS_ORDER = {
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s")
 # params that never define a config: bookkeeping (how a run was computed), and the long forms of the four axes
 IGNORED_PARAMS = re.compile(r"^(seed|num_params|train_step|tracking\..*|data\.root|data\.download|(activation|norm|dropout|depth)\..*)$")
+# the longest name of a file or folder the report writes (ASCII: well under any file system's limit)
+MAX_NAME = 100
+
+
+class ReportError(ValueError):
+    """An argument of the report names nothing that exists; the message names the argument, its
+    value and what there is instead."""
 
 
 # --- reading the store ----------------------------------------------------------------------------
@@ -70,18 +81,54 @@ class Sweep:
         return bool(len(self.finished)) and self.finished.groupby(self.axes or (lambda _: 0)).size().max() > 1
 
 
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local store (sqlite:///path, file:path or a plain path); None for the others."""
+    scheme = uri_scheme(uri)
+    if scheme == "sqlite":
+        return Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    if scheme == "file":
+        return Path(urlparse(uri).path)
+    return Path(uri) if scheme == "" else None
+
+
+def check_store(uri: str, key: str) -> None:
+    """A store MLflow can use is at `uri` (set by `key`): its file or folder exists, or its server
+    answers. (MLflow would create a missing SQLite file or folder; the report only reads.)"""
+    try:
+        check_tracking_uri(uri, key)
+        check_tracking_server(uri)
+    except ConfigError as err:
+        raise ReportError(str(err)) from None
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        raise ReportError(f"{key}={uri!r}: must be an existing MLflow store, and {path.absolute()} does not exist")
+
+
 def find_sweep(client: MlflowClient, experiment_id: str, sweep: str | None) -> Run:
     """The parent run named or identified by `sweep`, or the experiment's latest sweep."""
-    filter_string = f"tags.`{ROLE_TAG}` = 'sweep'"
-    if sweep:
-        try:
-            return client.get_run(sweep)
-        except Exception:
-            filter_string += f" and attributes.run_name = '{sweep}'"
-    parents = client.search_runs([experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1)
+    parents = client.search_runs(
+        [experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"], max_results=50000
+    )
+    matching = [run for run in parents if sweep in (run.info.run_id, run.info.run_name)] if sweep else parents
+    if matching:
+        return matching[0]
     if not parents:
-        raise SystemExit(f"no sweep {sweep!r} in experiment {experiment_id}" if sweep else "no sweep in this experiment yet")
-    return parents[0]
+        raise ReportError(f"experiment {experiment_id} has no sweep yet (python train.py -m ... makes one)")
+    latest = ", ".join(run.info.run_name for run in parents[:5])
+    raise ReportError(f"--sweep={sweep!r}: must be the name or run id of a sweep of this experiment, e.g. {latest}")
+
+
+def open_sweep(tracking_uri: str | None, experiment: str, sweep: str | None) -> tuple[MlflowClient, Sweep]:
+    """The sweep that the report's arguments name, read from an existing store."""
+    uri = resolve_tracking_uri(tracking_uri)
+    from_environment = not tracking_uri and os.environ.get("MLFLOW_TRACKING_URI")
+    check_store(uri, "$MLFLOW_TRACKING_URI" if from_environment else "--tracking-uri")
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = ", ".join(e.name for e in client.search_experiments())
+        raise ReportError(f"--experiment={experiment!r}: must be an experiment of {uri}: {names}")
+    return client, load_sweep(client, find_sweep(client, found.experiment_id, sweep))
 
 
 def _value_key(axis: str):
@@ -195,6 +242,30 @@ def _last_histograms(client: MlflowClient, run_id: str) -> dict:
 
 def config_label(run: pd.Series, axes: Sequence[str]) -> str:
     return " / ".join(str(run[a]) for a in axes) if axes else run["run_name"].rsplit("-s", 1)[0]
+
+
+def parse_baselines(items: Sequence[str]) -> dict[str, str]:
+    """The `--baseline AXIS=VALUE` arguments as {axis: value}."""
+    baselines = {}
+    for item in items:
+        axis, equals, value = item.partition("=")
+        if not (axis and equals and value):
+            raise ReportError(f"--baseline={item!r}: must be AXIS=VALUE, e.g. norm=none")
+        baselines[axis] = value
+    return baselines
+
+
+def check_baselines(sweep: Sweep, baselines: dict[str, str]) -> None:
+    """Each baseline names one of the report's axes and a value that the sweep's finished runs have for it."""
+    axes = list(dict.fromkeys([*AXES, *sweep.axes]))
+    for axis, value in baselines.items():
+        argument = f"--baseline={f'{axis}={value}'!r}"
+        if axis not in axes:
+            raise ReportError(f"{argument}: must name one of the report's axes: {', '.join(axes)}")
+        values = [str(v) for v in ordered_values(sweep.finished, axis)]
+        if value not in values:
+            have = ", ".join(values) or "none (no run finished)"
+            raise ReportError(f"{argument}: must be a value this sweep has for {axis}: {have}")
 
 
 # --- numbers --------------------------------------------------------------------------------------
@@ -488,7 +559,7 @@ class Document:
     def figure(self, fig: Figure | None, name: str, caption: str) -> None:
         if fig is None:
             return
-        path = self.out / "figures" / f"{name}.png"
+        path = self.out / "figures" / f"{safe_name(name, 'figure')}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=90)
         plt.close(fig)
@@ -574,9 +645,19 @@ def build_report(client: MlflowClient, sweep: Sweep, out: Path, baselines: dict[
     return doc
 
 
+def safe_name(text: str, fallback: str) -> str:
+    """`text` as a name that is never a path: ASCII letters, digits, '.', '_' and '-' (anything
+    else becomes '_'), no leading or trailing dots or dashes ('.' and '..' become nothing), at
+    most MAX_NAME characters; `fallback` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:MAX_NAME].strip("._-") or fallback
+
+
 def write_report(client: MlflowClient, sweep: Sweep, out_root: Path, baselines: dict[str, str]) -> Path:
-    """Write the report files to out_root/<sweep name>/ and log them to the parent run."""
-    out = out_root / re.sub(r"[^\w.-]+", "_", sweep.name)
+    """Write the report files to out_root/<sweep name>/ (a safe name, else the run id) and log them
+    to the parent run."""
+    out = out_root / safe_name(sweep.name or "", sweep.parent.info.run_id)
+    if not out.resolve().is_relative_to(out_root.resolve()):  # out_root/<name> is a link that leads elsewhere
+        raise ReportError(f"--out={str(out_root)!r}: must be a folder the report stays in, and {out} leads outside it")
     out.mkdir(parents=True, exist_ok=True)
     doc = build_report(client, sweep, out, baselines)
     (out / "report.md").write_text(doc.markdown())
@@ -596,12 +677,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the value an axis's effects are measured against (default: e.g. norm=none)")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    baselines = dict(item.split("=", 1) for item in args.baseline)
-
-    client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
-    experiment = client.get_experiment_by_name(args.experiment)
-    if experiment is None:
-        raise SystemExit(f"no experiment {args.experiment!r} in {client.tracking_uri}")
-    sweep = load_sweep(client, find_sweep(client, experiment.experiment_id, args.sweep))
-    out = write_report(client, sweep, args.out, baselines)
+    try:
+        baselines = parse_baselines(args.baseline)
+        if args.out.exists() and not args.out.is_dir():
+            raise ReportError(f"--out={str(args.out)!r}: must be a folder, and it is a file")
+        client, sweep = open_sweep(args.tracking_uri, args.experiment, args.sweep)
+        check_baselines(sweep, baselines)
+        out = write_report(client, sweep, args.out, baselines)
+    except ReportError as err:  # one line, nothing written
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"{out / 'report.html'}  ({len(sweep.runs)} runs)")

@@ -1,17 +1,24 @@
-"""The lifecycle of a multirun, in its launching process (a Hydra callback).
+"""The lifecycle of a multirun, in its launching process (a Hydra callback and the entry point).
 
+A sweep has one identity for its whole life: its `tracking.sweep_name`, or, unnamed, its
+experiment and overrides (without the keys that cannot change a result, as in the config hash).
 Before any job starts: every job's config is composed and checked (bad input stops the sweep
-with one line per bad job, before anything is written to the store); then the store, the
-experiment and the parent run are created once, so parallel jobs never race to create or
-migrate a fresh SQLite store. After the jobs: the parent run is closed, FAILED if any job
-failed, and the failures are listed.
+with one line per bad job, before anything is written to the store); then the store and the
+experiment are created once (parallel jobs never race a fresh SQLite store's migration), and
+the parent run is created, or, with `resume=true`, the sweep's earlier parent is reattached.
+At the end the parent is closed from what the store holds: FINISHED when every config of the
+sweep has a FINISHED run, KILLED when it was interrupted, else FAILED; `close_sweep` returns
+the exit status, which the entry point uses whatever Hydra did with the callback.
 """
 
 from __future__ import annotations
 
-import atexit
+import hashlib
 import logging
 import os
+import shlex
+import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,24 +29,38 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from mlflow.entities import RunStatus
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from mlpsweep import interrupt
+from mlpsweep.checkpoint import NOT_HASHED, config_hash
 from mlpsweep.checks import INPUT_ERRORS, check_job_inputs, check_tracking_server
+from mlpsweep.config import ConfigError
 from mlpsweep.tracking import (
+    CONFIG_HASH_TAG,
     ERROR_TAG,
     FAILED_JOB_TAG_PREFIX,
     OVERRIDES_TAG,
     PARENT_RUN_ENV,
     ROLE_TAG,
+    TrackingOutage,
+    configure_store_access,
+    describe,
     prepare_store,
     resolve_tracking_uri,
+    server_outage,
+    sqlite_database,
 )
 
 log = logging.getLogger(__name__)
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
+SWEEP_KEY_TAG = "mlpsweep.sweep_key"
+SWEEP_OVERRIDES_TAG = "mlpsweep.sweep_overrides"
+# the pid of the process that launched the sweep: a job running inside it (the basic launcher)
+# stops the sweep itself on an interrupt, a job in a worker process leaves that to the launcher
+LAUNCHER_PID_ENV = "MLPSWEEP_LAUNCHER_PID"
 
 
 def job_overrides(config: DictConfig) -> list[list[str]] | None:
@@ -53,17 +74,18 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
     return BasicSweeper.split_arguments(overrides, None)[0]
 
 
-def preflight(config: DictConfig) -> list[str]:
-    """Compose and check every job of the sweep; one line per job that would fail on its input."""
+def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
+    """Compose and check every job of the sweep: one line per job that would fail on its input,
+    and the config hash of every job (None when the sweeper decides the jobs as it goes)."""
     jobs = job_overrides(config)
     if jobs is None:
-        return []
+        return [], None
     try:
         check_tracking_server(resolve_tracking_uri(config.tracking.uri))  # once for the sweep
     except INPUT_ERRORS as err:
-        return [str(err)]
+        return [str(err)], None
     loader = GlobalHydra.instance().config_loader()
-    problems = []
+    problems, hashes = [], set()
     nvml_check = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # ask NVML about GPUs: no CUDA in the launcher
     try:
@@ -73,6 +95,7 @@ def preflight(config: DictConfig) -> list[str]:
                 with open_dict(cfg):
                     del cfg["hydra"]
                 check_job_inputs(cfg)
+                hashes.add(config_hash(cfg))
             except (*INPUT_ERRORS, HydraException, OmegaConfBaseException) as err:
                 message = " ".join(str(err).split("Config search path")[0].split())  # one line, no search path
                 problems.append(f"job {num} [{' '.join(overrides)}]: {message}")
@@ -81,75 +104,208 @@ def preflight(config: DictConfig) -> list[str]:
             os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK")
         else:
             os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml_check
-    return problems
+    return problems, hashes
 
 
-class MlflowSweepCallback(Callback):
-    """Creates the parent run of a multirun before its jobs, and closes it after them.
+def identity_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that make a sweep what it is: sorted, without the keys that cannot change a
+    result (NOT_HASHED: where things go, how they are shown, resume itself)."""
 
-    The parent ends FINISHED when every child finished, else FAILED; the failed children are
-    listed with their overrides and errors, and the process exits with status 1.
-    """
+    def counts(override: str) -> bool:
+        key = override.lstrip("+~").split("=", 1)[0]
+        return not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_HASHED)
 
-    def __init__(self) -> None:
-        self._client: MlflowClient | None = None
-        self._parent_id: str | None = None
+    return sorted(filter(counts, overrides))
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        problems = preflight(config)
-        if problems:
-            for problem in problems:
-                log.error(problem)
-            log.error(f"{len(problems)} job(s) have bad input; nothing was trained or tracked")
-            raise SystemExit(2)
-        self._client, experiment_id = prepare_store(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment)
+
+def sweep_key(config: DictConfig) -> str:
+    """The sweep's identity: `name:<sweep_name>`, or a hash of the experiment and the overrides."""
+    if config.tracking.sweep_name:
+        return f"name:{config.tracking.sweep_name}"
+    text = "\n".join([config.tracking.experiment, *identity_overrides(list(config.hydra.overrides.task))])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resume_command() -> str:
+    """The command line that was run, with resume=true."""
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("resume=")] + ["resume=true"]
+    program = ["python", sys.argv[0]] if sys.argv[0].endswith(".py") else [sys.argv[0]]
+    return shlex.join(program + args)
+
+
+@dataclass
+class SweepSession:
+    """The parent run of the sweep this process launched, and what the sweep must contain."""
+
+    client: MlflowClient
+    parent_id: str
+    name: str
+    expected: set[str] | None  # the config hash of every job; None when the sweeper decides as it goes
+    exit_code: int | None = None  # set once the end of the sweep is recorded
+
+
+_session: list[SweepSession] = []  # the sweep of this process, if it launched one
+
+
+def current_session() -> SweepSession | None:
+    return _session[0] if _session else None
+
+
+def _earlier_parents(tracking_uri: str, experiment: str, key: str) -> list[Run]:
+    """The parent runs of the sweep `key` already in the store, latest first (none without a store)."""
+    database = sqlite_database(tracking_uri)
+    if database is not None and not database.is_file():
+        return []
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs(
+        [found.experiment_id],
+        f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{SWEEP_KEY_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def _refuse_reused_name(config: DictConfig, earlier: Run, overrides: str) -> None:
+    """A named sweep is one sweep: raise ConfigError when the name is taken by other overrides or
+    when its sweep is rerun without resume=true."""
+    name = config.tracking.sweep_name
+    if earlier.data.tags.get(SWEEP_OVERRIDES_TAG) != overrides:
+        raise ConfigError(
+            f"tracking.sweep_name={name!r}: a sweep of that name already exists with other overrides "
+            f"({earlier.data.tags.get(SWEEP_OVERRIDES_TAG)!r}); give this one another name, e.g. "
+            f"tracking.sweep_name={name}-2"
+        )
+    if not config.resume:
+        raise ConfigError(
+            f"tracking.sweep_name={name!r}: this sweep already exists (parent run {earlier.info.run_id}); "
+            "add resume=true to continue it, or give a new sweep another name"
+        )
+
+
+def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
+    """Create the sweep's parent run, or reattach its earlier one (resume=true, or the same name)."""
+    tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    key = sweep_key(config)
+    overrides = " ".join(identity_overrides(list(config.hydra.overrides.task)))
+    earlier = _earlier_parents(tracking_uri, config.tracking.experiment, key)
+    if earlier and config.tracking.sweep_name:
+        _refuse_reused_name(config, earlier[0], overrides)
+    client, experiment_id = prepare_store(tracking_uri, config.tracking.experiment)
+    if earlier and config.resume:
+        parent = earlier[0]
+        for tag in parent.data.tags:  # what the last attempt said no longer holds
+            if tag.startswith(FAILED_JOB_TAG_PREFIX) or tag == ERROR_TAG:
+                client.delete_tag(parent.info.run_id, tag)
+        client.update_run(parent.info.run_id, status="RUNNING")
+        log.info(f"MLflow: resuming sweep {parent.info.run_name}, parent run {parent.info.run_id}")
+    else:
         name = config.tracking.sweep_name or datetime.now().strftime("sweep-%Y-%m-%d_%H-%M-%S")
         tags = {
             ROLE_TAG: "sweep",
+            SWEEP_KEY_TAG: key,
+            SWEEP_OVERRIDES_TAG: overrides,
             OVERRIDES_TAG: " ".join(config.hydra.overrides.task),
             "mlpsweep.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
         }
-        parent = self._client.create_run(experiment_id, run_name=name, tags=tags)
-        self._parent_id = parent.info.run_id
-        os.environ[PARENT_RUN_ENV] = self._parent_id
-        atexit.register(self._close_if_open)
-        log.info(f"MLflow: sweep {name} is parent run {self._parent_id} in {self._client.tracking_uri}")
+        parent = client.create_run(experiment_id, run_name=name, tags=tags)
+        log.info(f"MLflow: sweep {name} is parent run {parent.info.run_id} in {client.tracking_uri}")
+    os.environ[PARENT_RUN_ENV] = parent.info.run_id
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    return SweepSession(client, parent.info.run_id, parent.info.run_name, expected)
+
+
+def in_launcher_process() -> bool:
+    """Whether this job runs inside the process that launched its sweep (the basic launcher)."""
+    return os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid())
+
+
+def close_sweep(stop: BaseException | None = None) -> int:
+    """Close the parent run from what the store holds and return the sweep's exit status:
+    0 when every config of the sweep has a FINISHED run, 1 when any job failed (or the store
+    could not be read), 130 when it was interrupted. `stop` is what ended the sweep early."""
+    session = current_session()
+    if session is None:
+        return 1
+    if session.exit_code is not None:
+        return session.exit_code
+    try:
+        if isinstance(stop, TrackingOutage):
+            raise stop
+        session.exit_code = _close(session, stop)
+    except (Exception, TrackingOutage) as err:  # the store itself failed: one line; the runs stay resumable
+        reason = server_outage(session.client.tracking_uri) or describe(err)
+        log.error(f"sweep {session.name} stopped: {reason}; once the store answers, continue it with: {resume_command()}")
+        session.exit_code = 1
+    os.environ.pop(PARENT_RUN_ENV, None)
+    return session.exit_code
+
+
+def _close(session: SweepSession, stop: BaseException | None) -> int:
+    client, parent_id = session.client, session.parent_id
+    parent = client.get_run(parent_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=50000
+    )
+    latest: dict[str, str] = {}  # config hash -> the status of its latest run
+    for run in sorted(children, key=lambda run: run.info.start_time):
+        latest[run.data.tags.get(CONFIG_HASH_TAG, run.info.run_id)] = run.info.status
+    expected = session.expected if session.expected is not None else set(latest)
+    finished = {h for h in expected if latest.get(h) == "FINISHED"}
+    failures = sorted(
+        (int(key.removeprefix(FAILED_JOB_TAG_PREFIX)), value)
+        for key, value in parent.data.tags.items()
+        if key.startswith(FAILED_JOB_TAG_PREFIX)
+    )
+    failed = failures or any(latest.get(h) == "FAILED" for h in expected)
+    interrupted = isinstance(stop, (interrupt.Interrupted, KeyboardInterrupt)) or interrupt.requested() is not None
+    interrupted = interrupted or any(latest.get(h) == "KILLED" for h in expected)
+    log.info(f"MLflow: {len(finished)} of {len(expected)} configs of sweep {session.name} finished; parent run {parent_id}")
+    if failures:
+        log.error(f"{len(failures)} job(s) failed:")
+    for num, description in failures:
+        log.error(f"  job {num}: {description}")
+    if len(finished) == len(expected) and not failures:
+        client.set_terminated(parent_id, "FINISHED")
+        return 0
+    if failed or not interrupted:
+        missing = len(expected) - len(finished)
+        reason = f"{missing} of {len(expected)} configs did not finish" + (f" ({describe(stop)})" if stop else "")
+        client.set_tag(parent_id, ERROR_TAG, f"{reason}; rerun failed and missing ones with resume=true")
+        client.set_terminated(parent_id, "FAILED")
+        log.error(f"sweep {session.name}: {reason}; rerun the failed and missing ones with: {resume_command()}")
+        return 1
+    reason = f"interrupted with {len(finished)} of {len(expected)} configs finished"
+    client.set_tag(parent_id, ERROR_TAG, f"{reason}; resume=true continues it")
+    client.set_terminated(parent_id, "KILLED")
+    log.warning(f"sweep {session.name} {reason}; continue it with: {resume_command()}")
+    return 130
+
+
+class MlflowSweepCallback(Callback):
+    """Opens the sweep's parent run before its jobs (after checking all of them) and closes it
+    after them. The exit status is `close_sweep`'s, applied by the entry point (cli.main), so it
+    holds even where Hydra turns an exception inside a callback into a warning."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        interrupt.install(launcher=True)
+        configure_store_access(config.tracking)
+        problems, expected = preflight(config)
+        try:
+            if not problems:
+                _session.append(open_sweep(config, expected))
+        except INPUT_ERRORS as err:
+            problems = [str(err)]
+        except Exception as err:  # the store: Hydra would only warn and run the jobs without a parent
+            uri = resolve_tracking_uri(config.tracking.uri)
+            log.error(f"the sweep could not start: the tracking store {uri} failed ({describe(err)})")
+            raise SystemExit(1) from None
+        if problems:
+            for problem in problems:
+                log.error(problem)
+            log.error(f"{len(problems)} problem(s) with the input; nothing was trained or tracked")
+            raise SystemExit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        assert self._client is not None and self._parent_id is not None
-        parent = self._client.get_run(self._parent_id)
-        children = self._client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self._parent_id}'",
-            max_results=50000,
-        )
-        finished = sum(run.info.status == "FINISHED" for run in children)
-        failures = sorted(
-            (int(key.removeprefix(FAILED_JOB_TAG_PREFIX)), value)
-            for key, value in parent.data.tags.items()
-            if key.startswith(FAILED_JOB_TAG_PREFIX)
-        )
-        unfinished = [run.info.run_name for run in children if run.info.status != "FINISHED"]
-        log.info(f"MLflow: {finished} of {len(children)} tracked jobs finished; sweep run {self._parent_id}")
-        self._close(RunStatus.FAILED if failures or unfinished else RunStatus.FINISHED)
-        if failures:
-            log.error(f"{len(failures)} job(s) failed:")
-            for num, description in failures:
-                log.error(f"  job {num}: {description}")
-        if unfinished:
-            log.error(f"runs that did not finish: {', '.join(unfinished)}")
-        if failures or unfinished:
-            raise SystemExit(1)
-
-    def _close(self, status: int) -> None:
-        assert self._client is not None and self._parent_id is not None
-        self._client.set_terminated(self._parent_id, RunStatus.to_string(status))
-        os.environ.pop(PARENT_RUN_ENV, None)
-        self._parent_id = None
-
-    def _close_if_open(self) -> None:
-        """At exit: a sweep that stopped before on_multirun_end (e.g. a config error) ends FAILED."""
-        if self._parent_id is not None:
-            assert self._client is not None
-            self._client.set_tag(self._parent_id, ERROR_TAG, "the sweep stopped before all of its jobs ran")
-            self._close(RunStatus.FAILED)
+        close_sweep()

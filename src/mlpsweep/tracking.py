@@ -15,7 +15,7 @@ import os
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,13 @@ from typing import Any
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
+import requests
+import sqlalchemy
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from matplotlib.figure import Figure
-from mlflow.entities import Run
+from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -35,6 +37,7 @@ from torch import nn
 from mlpsweep import figures
 from mlpsweep.config import launch_dir
 from mlpsweep.engine import EpochMetrics
+from mlpsweep.interrupt import Interrupted, SweepStop
 from mlpsweep.probe import ActivationProbe
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,68 @@ OVERRIDES_TAG = "mlpsweep.overrides"
 ERROR_TAG = "mlpsweep.error"
 CONFIG_HASH_TAG = "mlpsweep.config_hash"
 FAILED_JOB_TAG_PREFIX = "mlpsweep.failed_job."
+
+
+class TrackingOutage(SweepStop):
+    """The tracking server stopped answering: the sweep stops instead of failing job after job."""
+
+
+def configure_store_access(cfg: DictConfig) -> None:
+    """Bound how long a job waits on a store that does not answer (`cfg` is the `tracking` node):
+    MLflow's HTTP retries and request timeout (an explicitly set environment variable wins) and
+    SQLite's busy timeout, which MLflow fixes at 20 s per session."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.http_timeout_s))
+    _sqlite_busy_timeout_ms[0] = int(1000 * cfg.sqlite_busy_timeout_s)
+    engine = sqlalchemy.engine.Engine
+    if not sqlalchemy.event.contains(engine, "before_cursor_execute", _session_busy_timeout):
+        sqlalchemy.event.listen(engine, "connect", _connection_busy_timeout)
+        sqlalchemy.event.listen(engine, "before_cursor_execute", _session_busy_timeout, retval=True)
+
+
+_sqlite_busy_timeout_ms = [20_000]
+
+
+def _connection_busy_timeout(dbapi_connection, connection_record) -> None:  # noqa: ANN001
+    """SQLAlchemy hook: every new SQLite connection waits out a lock for the configured time
+    (the sqlite3 module's own default is 5 s)."""
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {_sqlite_busy_timeout_ms[0]}")
+
+
+def _session_busy_timeout(conn, cursor, statement: str, parameters, context, executemany):  # noqa: ANN001
+    """SQLAlchemy hook: the `PRAGMA busy_timeout = 20000` MLflow runs in each session becomes the
+    configured wait."""
+    if statement.startswith("PRAGMA busy_timeout"):
+        statement = f"PRAGMA busy_timeout = {_sqlite_busy_timeout_ms[0]};"
+    return statement, parameters
+
+
+def server_outage(tracking_uri: str) -> str | None:
+    """Why an http(s) tracking server does not answer its health check now (None: it answers, or
+    the store is not a server)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=3).raise_for_status()
+    except requests.RequestException as err:
+        return f"the tracking server {tracking_uri} does not answer ({type(err).__name__})"
+    return None
+
+
+@contextmanager
+def _without_retries() -> Iterator[None]:
+    """One attempt per request: for the last words to a server already known to be down."""
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -207,16 +272,53 @@ def log_model(model: nn.Module, example: torch.Tensor) -> None:
     )
 
 
-def find_run(cfg: DictConfig, cfg_hash: str, status: str) -> Run | None:
-    """The latest run of this experiment with the config hash `cfg_hash` and `status`."""
+def finished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
+    """The latest FINISHED run with the config hash `cfg_hash`: among the sweep's children in a
+    multirun (another sweep's run of the same config is not this sweep's), else in the experiment."""
     client, experiment_id = prepare_store(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
     runs = client.search_runs(
         [experiment_id],
-        f"tags.`{CONFIG_HASH_TAG}` = '{cfg_hash}' and attributes.status = '{status}'",
+        f"tags.`{CONFIG_HASH_TAG}` = '{cfg_hash}' and attributes.status = 'FINISHED'{_sweep_filter()}",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def _sweep_filter() -> str:
+    """In a multirun, the search filter that keeps the sweep's own children."""
+    parent_id = _parent_run_id()
+    return f" and tags.mlflow.parentRunId = '{parent_id}'" if parent_id else ""
+
+
+def unfinished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
+    """The latest run of this config (in this sweep, in a multirun) that stopped before it finished."""
+    client, experiment_id = prepare_store(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`{CONFIG_HASH_TAG}` = '{cfg_hash}'{_sweep_filter()}",
+        order_by=["attributes.start_time DESC"],
+    )
+    own = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == _parent_run_id()]  # not a sweep's, alone
+    return next((run for run in own if run.info.status in ("RUNNING", "KILLED")), None)
+
+
+def continuable_run(cfg: DictConfig, run_id: str, cfg_hash: str) -> str | None:
+    """Why the run a checkpoint belongs to cannot be continued here (None: it can): it must be in
+    this store and experiment, of this config, in this sweep, and stopped before it finished."""
+    client, experiment_id = prepare_store(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return f"its run {run_id} is not in this store"
+    tags = run.data.tags
+    if run.info.experiment_id != experiment_id or tags.get(CONFIG_HASH_TAG) != cfg_hash:
+        return f"its run {run_id} is of another experiment or config"
+    if tags.get("mlflow.parentRunId") != _parent_run_id():
+        return f"its run {run_id} belongs to another sweep"
+    if run.info.status not in ("RUNNING", "KILLED"):
+        return f"its run {run_id} is {run.info.status}"
+    return None
 
 
 def best_metric(cfg: DictConfig, run_id: str, key: str) -> float:
@@ -233,33 +335,47 @@ def job_run(
     the training step used), config and overrides logged on entry.
 
     In a multirun the run is a child of the sweep's parent run. `resume_run_id` continues an
-    unfinished run instead (its params are already there). An exception ends the run FAILED,
-    with the error as a tag and the traceback as an artifact, and propagates.
+    unfinished run instead (its params are already there). The run ends FINISHED; KILLED on
+    Interrupted (its checkpoint stays, to be continued); FAILED on any other exception, with the
+    error as a one-line tag and the traceback as an artifact. When a tracking server stopped
+    answering, TrackingOutage is raised and the run is left RUNNING for `resume=true`.
     """
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     _, experiment_id = prepare_store(tracking_uri, cfg.tracking.experiment)
     mlflow.set_tracking_uri(tracking_uri)
     overrides = _task_overrides()
     if resume_run_id:
-        run_context = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id)  # RUNNING again
+        if ERROR_TAG in run.data.tags:
+            mlflow.delete_tag(ERROR_TAG)
     else:
         tags = {ROLE_TAG: "job", OVERRIDES_TAG: " ".join(overrides), CONFIG_HASH_TAG: cfg_hash}
-        run_context = mlflow.start_run(
+        run = mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name(cfg), parent_run_id=_parent_run_id(), tags=tags
         )
-    with run_context as run:
-        try:
-            if not resume_run_id:
-                container = OmegaConf.to_container(cfg, resolve=True)
-                assert isinstance(container, dict)
-                mlflow.log_params({**flatten(container), **axes(cfg), "num_params": num_params, "train_step": train_step})
-                mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-                mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
-            yield run
-        except BaseException as err:
-            mlflow.set_tag(ERROR_TAG, _describe(err))
-            mlflow.log_text(traceback.format_exc(), "traceback.txt")
-            raise
+    try:
+        if not resume_run_id:
+            container = OmegaConf.to_container(cfg, resolve=True)
+            assert isinstance(container, dict)
+            mlflow.log_params({**flatten(container), **axes(cfg), "num_params": num_params, "train_step": train_step})
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
+        yield run
+    except (Interrupted, KeyboardInterrupt) as err:
+        reason = str(err) or "stopped at once by a second signal"
+        mlflow.set_tag(ERROR_TAG, f"interrupted ({reason}); resume=true continues it from its last checkpoint")
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as err:
+        if outage := server_outage(tracking_uri):
+            with _without_retries(), suppress(Exception):
+                mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))  # forgets the run locally; the server is down
+            raise TrackingOutage(outage) from err
+        mlflow.set_tag(ERROR_TAG, describe(err))
+        mlflow.log_text(traceback.format_exc(), "traceback.txt")
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
 def log_missing_epochs(history: Sequence[EpochMetrics]) -> None:
@@ -271,8 +387,11 @@ def log_missing_epochs(history: Sequence[EpochMetrics]) -> None:
             log_epoch(metrics)
 
 
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"[:5000]
+def describe(err: BaseException) -> str:
+    """One line: the error's type and the first line of its message, without any SQL statement
+    a database error carries."""
+    message = str(err).split("[SQL:")[0].strip().splitlines()
+    return f"{type(err).__name__}: {message[0] if message else ''}"[:500]
 
 
 def record_job_failure(cfg: DictConfig, err: BaseException) -> None:
@@ -286,6 +405,6 @@ def record_job_failure(cfg: DictConfig, err: BaseException) -> None:
     job = HydraConfig.get().job
     try:
         client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
-        client.set_tag(parent_id, f"{FAILED_JOB_TAG_PREFIX}{job.num}", f"[{' '.join(_task_overrides())}] {_describe(err)}")
+        client.set_tag(parent_id, f"{FAILED_JOB_TAG_PREFIX}{job.num}", f"[{' '.join(_task_overrides())}] {describe(err)}")
     except Exception:  # the store itself may be what failed; the job's log still has the error
         log.exception(f"could not record the failure of job {job.num} on parent run {parent_id}")

@@ -1,0 +1,209 @@
+"""A sweep is one durable thing: one parent for its whole life, true exit codes, interrupts that
+pause, bounded outages. Real processes, real signals, real stores and servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, MlflowServer, sqlite_uri, tiny_overrides
+from mlflow.tracking import MlflowClient
+
+from mlpsweep.tracking import CONFIG_HASH_TAG, ERROR_TAG, ROLE_TAG, describe
+
+pytestmark = pytest.mark.slow
+EPOCHS = 25
+LONG = [f"trainer.max_epochs={EPOCHS}", "probe.enabled=false", "depth.widths=[64]"]
+
+
+def command(data_root: Path, store_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / "train.py"), "--multirun", *tiny_overrides(data_root, store_dir), *args]
+
+
+def run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    print(result.stdout[-4000:], result.stderr[-4000:])
+    return result
+
+
+def store_runs(store: str) -> tuple[list, list]:
+    """(parents, children) of the mlpsweep experiment."""
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
+    children = [r for r in runs if r.data.tags.get(ROLE_TAG) == "job"]
+    assert len(parents) + len(children) == len(runs)
+    return parents, children
+
+
+def histories(store: str, run_id: str) -> dict[str, list]:
+    client = MlflowClient(store)
+    return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+            for key in ("train_loss", "val_loss", "val_acc", "test_acc")}  # fmt: skip
+
+
+def signal_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, signum: int) -> None:
+    deadline = time.monotonic() + 120
+    while not any(checkpoints.glob("*.pt")):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.02)
+    os.kill(process.pid, signum)
+
+
+def test_ctrl_c_pauses_the_sweep_and_resume_completes_it_under_one_parent(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """The Quickstart case: Ctrl-C in the middle of a sweep, then the same command with resume=true."""
+    sweep = command(tiny_mnist_root, tmp_path, "activation=sigmoid,relu", *LONG)
+    process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    signal_after_first_checkpoint(process, tmp_path / "checkpoints", signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    print(output[-4000:])
+    assert process.returncode == 130
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert "resume=true" in output.splitlines()[-1]  # the last line says how to continue
+    store = sqlite_uri(tmp_path)
+    (parent,), children = store_runs(store)
+    assert parent.info.status == "KILLED" and "interrupted" in parent.data.tags[ERROR_TAG]
+    (killed,) = children  # the first job stopped at a step boundary; no other job started
+    assert killed.info.status == "KILLED" and "SIGINT" in killed.data.tags[ERROR_TAG]
+    assert any((tmp_path / "checkpoints").glob("*.pt"))  # its last epoch's checkpoint stays
+    epochs_before = len(histories(store, killed.info.run_id)["val_acc"])
+    assert 1 <= epochs_before < EPOCHS
+
+    result = run(sweep + ["resume=true"], tmp_path)
+    assert result.returncode == 0
+    (parent_after,), children = store_runs(store)
+    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
+    assert ERROR_TAG not in parent_after.data.tags
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert len({c.data.tags[CONFIG_HASH_TAG] for c in children}) == 2
+    resumed = next(c for c in children if c.info.run_id == killed.info.run_id)  # the same run, continued
+    assert not any((tmp_path / "checkpoints").glob("*.pt"))
+
+    # bit for bit the run an uninterrupted sweep of that config makes
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    activation = resumed.data.params["activation.name"]
+    assert run(command(tiny_mnist_root, whole, f"activation={activation}", *LONG), whole).returncode == 0
+    (_, (reference,)) = store_runs(sqlite_uri(whole))
+    assert histories(sqlite_uri(whole), reference.info.run_id) == histories(store, resumed.info.run_id)
+
+    # the report of the sweep covers both configs
+    report = run([sys.executable, str(REPO_ROOT / "report.py"), "--tracking-uri", store, "--out", str(tmp_path / "r")], tmp_path)
+    assert report.returncode == 0 and "(2 runs)" in report.stdout
+
+
+def test_sigterm_to_a_joblib_launcher_stops_every_running_job_safely(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """SLURM's pre-emption signal reaches the launcher: its workers stop, their runs end KILLED."""
+    sweep = command(tiny_mnist_root, tmp_path, "activation=sigmoid,relu", "seed=0,1", *LONG,
+                    "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")  # fmt: skip
+    process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    signal_after_first_checkpoint(process, tmp_path / "checkpoints", signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    print(output[-4000:])
+    assert process.returncode == 130 and "Traceback" not in output
+    (parent,), children = store_runs(sqlite_uri(tmp_path))
+    assert parent.info.status == "KILLED"
+    assert children and {c.info.status for c in children} == {"KILLED"}  # none left RUNNING
+
+    assert run(sweep + ["resume=true"], tmp_path).returncode == 0
+    (parent_after,), children_after = store_runs(sqlite_uri(tmp_path))
+    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
+    assert len(children_after) == 4 and {c.info.status for c in children_after} == {"FINISHED"}
+    assert {c.info.run_id for c in children} <= {c.info.run_id for c in children_after}  # continued, not redone
+
+
+def test_a_sweep_name_is_one_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    small = ["trainer.max_epochs=1", "probe.enabled=false", "depth.widths=[16]", "tracking.sweep_name=ablation"]
+    assert run(command(tiny_mnist_root, tmp_path, "activation=relu,tanh", *small), tmp_path).returncode == 0
+
+    other = run(command(tiny_mnist_root, tmp_path, "activation=relu,sigmoid", *small), tmp_path)
+    assert other.returncode == 2
+    assert "tracking.sweep_name='ablation': a sweep of that name already exists with other overrides" in other.stdout
+    again = run(command(tiny_mnist_root, tmp_path, "activation=relu,tanh", *small), tmp_path)
+    assert again.returncode == 2 and "add resume=true to continue it" in again.stdout
+
+    resumed = run(command(tiny_mnist_root, tmp_path, "activation=relu,tanh", *small, "resume=true"), tmp_path)
+    assert resumed.returncode == 0 and resumed.stdout.count("already finished") + resumed.stderr.count("already finished") == 2
+    parents, children = store_runs(sqlite_uri(tmp_path))
+    assert [p.info.run_name for p in parents] == ["ablation"] and len(children) == 2
+
+
+def test_resume_skips_only_this_sweeps_finished_configs(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    small = ["trainer.max_epochs=1", "probe.enabled=false", "depth.widths=[16]"]
+    assert run(command(tiny_mnist_root, tmp_path, "activation=relu,tanh", *small), tmp_path).returncode == 0
+    # another sweep that shares the relu config: resume finds no parent of its own, so it runs everything
+    assert run(command(tiny_mnist_root, tmp_path, "activation=relu,sigmoid", *small, "resume=true"), tmp_path).returncode == 0
+    parents, children = store_runs(sqlite_uri(tmp_path))
+    assert len(parents) == 2 and len(children) == 4
+    for parent in parents:
+        assert parent.info.status == "FINISHED"
+        assert sum(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children) == 2
+
+
+def test_a_dead_tracking_server_fails_fast_and_resume_completes_the_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        sweep = command(tiny_mnist_root, tmp_path, "seed=0,1,2,3", "trainer.max_epochs=3", "depth.widths=[32]",
+                        f"tracking.uri={server.uri}")  # fmt: skip
+        process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        client = MlflowClient(server.uri)
+        deadline = time.monotonic() + 120
+        while not (len(store_runs(server.uri)[1]) >= 2 if client.get_experiment_by_name("mlpsweep") else False):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        server.kill()
+        killed_at = time.monotonic()
+        output, _ = process.communicate(timeout=180)
+        print(output[-4000:])
+        assert process.returncode == 1
+        assert time.monotonic() - killed_at < 90  # bounded: not MLflow's half hour of retries
+        assert server.uri in output.splitlines()[-1] and "resume=true" in output.splitlines()[-1]
+
+        server.start()
+        assert run(sweep + ["resume=true"], tmp_path).returncode == 0
+        (parent,), children = store_runs(server.uri)
+        assert parent.info.status == "FINISHED"
+        finished = {c.data.tags[CONFIG_HASH_TAG] for c in children if c.info.status == "FINISHED"}
+        assert len(finished) == 4 and "RUNNING" not in {c.info.status for c in children}
+    finally:
+        server.stop()
+
+
+def test_a_long_sqlite_lock_is_waited_out(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    small = ["trainer.max_epochs=1", "probe.enabled=false", "depth.widths=[16]", "tracking.sqlite_busy_timeout_s=90"]
+    assert run(command(tiny_mnist_root, tmp_path, "seed=0", *small), tmp_path).returncode == 0  # the store exists
+
+    locked = threading.Event()
+
+    def hold_lock(seconds: float) -> None:
+        database = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+        database.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(seconds)
+        database.execute("COMMIT")
+        database.close()
+
+    holder = threading.Thread(target=hold_lock, args=(22,))  # longer than MLflow's own 20 s
+    holder.start()
+    locked.wait()
+    result = run(command(tiny_mnist_root, tmp_path, "seed=1", *small), tmp_path)
+    holder.join()
+    assert result.returncode == 0
+    _, children = store_runs(sqlite_uri(tmp_path))
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
+
+
+def test_error_tags_are_one_line_without_sql() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    err = OperationalError("INSERT INTO tags (key, value) VALUES (?, ?)", ("a", "b"), sqlite3.OperationalError("database is locked"))
+    assert describe(err) == "OperationalError: (sqlite3.OperationalError) database is locked"
+    assert describe(ValueError("first\nsecond")) == "ValueError: first"
