@@ -26,7 +26,7 @@ from mlpsweep.report import (
     write_report,
 )
 from mlpsweep.stats import summarize, welch_difference
-from mlpsweep.tracking import ERROR_TAG, FAILED_JOB_TAG_PREFIX, ROLE_TAG, get_or_create_experiment
+from mlpsweep.tracking import CONFIG_HASH_TAG, ERROR_TAG, FAILED_JOB_TAG_PREFIX, ROLE_TAG, get_or_create_experiment
 
 # test accuracy by (activation, norm) over seeds 0, 1, 2
 KNOWN = {
@@ -311,3 +311,19 @@ def test_a_link_out_of_the_reports_folder_is_refused(known_sweep, tmp_path: Path
     with pytest.raises(ReportError, match="leads outside it"):
         write_report(client, sweep, tmp_path / "reports", baselines={})
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_resumed_sweep_reports_one_run_per_config(tmp_path: Path) -> None:
+    """A failed attempt that a resumed sweep reran is replaced by the rerun; an unrerun failure stays."""
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment = get_or_create_experiment(client, "mlpsweep")
+    parent = client.create_run(experiment, run_name="resumed", tags={ROLE_TAG: "sweep"})
+    statuses = {"a": ["FAILED", "FINISHED"], "b": ["FINISHED"], "c": ["KILLED", "FAILED"]}
+    for config, attempts in statuses.items():
+        for status in attempts:
+            run = client.create_run(experiment, tags={"mlflow.parentRunId": parent.info.run_id, ROLE_TAG: "job",
+                                                      CONFIG_HASH_TAG: config})  # fmt: skip
+            client.set_terminated(run.info.run_id, status)
+    sweep = load_sweep(client, client.get_run(parent.info.run_id))
+    assert len(sweep.runs) == 3
+    assert sorted(sweep.runs.status) == ["FAILED", "FINISHED", "FINISHED"]
