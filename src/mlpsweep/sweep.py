@@ -119,10 +119,12 @@ def identity_overrides(overrides: list[str]) -> list[str]:
 
 
 def sweep_key(config: DictConfig) -> str:
-    """The sweep's identity: `name:<sweep_name>`, or a hash of the experiment and the overrides."""
+    """The sweep's identity, as a hash (safe inside a search filter): of its name, or, unnamed, of
+    the experiment and the overrides."""
     if config.tracking.sweep_name:
-        return f"name:{config.tracking.sweep_name}"
-    text = "\n".join([config.tracking.experiment, *identity_overrides(list(config.hydra.overrides.task))])
+        text = f"name\n{config.tracking.sweep_name}"
+    else:
+        text = "\n".join([config.tracking.experiment, *identity_overrides(list(config.hydra.overrides.task))])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -292,6 +294,8 @@ class MlflowSweepCallback(Callback):
         interrupt.install(launcher=True)
         configure_store_access(config.tracking)
         problems, expected = preflight(config)
+        if interrupt.requested():  # Ctrl-C during the checks: nothing was started, nothing is tracked
+            raise SystemExit(130)
         try:
             if not problems:
                 _session.append(open_sweep(config, expected))
