@@ -143,9 +143,11 @@ class MlflowServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
                    "--artifacts-destination", str(self.artifacts_dir), "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        # tracking only: without the runner of MLflow's GenAI jobs (half a dozen huey processes per server)
+        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.store_dir / "server.log", "ab") as log:
             self._process = subprocess.Popen(
-                command, cwd=self.store_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command, cwd=self.store_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout
         while not _answers(self.uri):

@@ -94,7 +94,7 @@ def cfg(tiny_cfg: Callable[..., DictConfig]) -> DictConfig:
 @pytest.fixture
 def identity(cfg: DictConfig) -> CheckpointIdentity:
     data_digest = dataset_digest(cfg.data.name, cfg.data.root)
-    return CheckpointIdentity(cfg.tracking.uri, cfg.tracking.experiment, config_hash(cfg), data_digest)
+    return CheckpointIdentity(cfg.tracking.uri, cfg.tracking.experiment, config_hash(cfg), data_digest, "parent-run")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
@@ -121,14 +121,15 @@ def test_the_file_holds_plain_data_only(cfg: DictConfig, identity: CheckpointIde
     save_checkpoint(path, identity, "run-0", cfg, *trained_job(cfg, seed=0), HISTORY)
     state = torch.load(path, weights_only=True)
     assert state["identity"] == {"tracking_uri": cfg.tracking.uri, "experiment": "mlpsweep",
-                                 "config_hash": config_hash(cfg), "data_digest": identity.data_digest}  # fmt: skip
+                                 "config_hash": config_hash(cfg), "data_digest": identity.data_digest,
+                                 "sweep": "parent-run"}  # fmt: skip
     assert state["run_id"] == "run-0" and state["config"] == OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def test_each_identity_has_its_own_file(identity: CheckpointIdentity, tmp_path: Path) -> None:
     others = [replace(identity, **{f.name: "other"}) for f in fields(identity)]
     paths = {checkpoint_path(tmp_path, i) for i in [identity, *others]}
-    assert len(paths) == 5 and checkpoint_path(tmp_path, replace(identity)) in paths  # an equal identity: its file
+    assert len(paths) == len(fields(identity)) + 1 and checkpoint_path(tmp_path, replace(identity)) in paths  # an equal identity: its file
     assert all(p.parent == tmp_path and p.suffix == ".pt" for p in paths)
 
 
@@ -194,7 +195,7 @@ DEFECTS: dict[str, tuple[Callable[[Path], None], str]] = {  # how the file is sp
     "other experiment": (setting("identity", "experiment", value="other"), r"\(experiment differs\)"),
     "other config": (setting("identity", "config_hash", value="0" * 16), r"\(config_hash differs\)"),
     "other data": (setting("identity", "data_digest", value="0" * 16), r"\(data_digest differs\)"),
-    "no identity": (setting("identity", value=None), "tracking_uri, experiment, config_hash, data_digest differ"),
+    "no identity": (setting("identity", value=None), "tracking_uri, experiment, config_hash, data_digest, sweep differ"),
     "run id not a string": (setting("run_id", value=7), r"\(TypeError: run_id is int, not str\)"),
     "other history fields": (setting("history", value=[{"epoch": 1}]), "malformed"),
     "other model shapes": (setting("model", "head.weight", value=torch.zeros(10, 8)), "size mismatch for head.weight"),

@@ -207,5 +207,5 @@ def test_a_store_that_fails_as_the_sweep_starts_is_not_a_success(tiny_mnist_root
     result = run([sys.executable, str(REPO_ROOT / "train.py"), "--multirun", *tiny_overrides(tiny_mnist_root),
                   f"tracking.uri={store}", "seed=0,1"], tmp_path)  # fmt: skip
     assert result.returncode == 1
-    assert "the sweep could not start: the tracking store" in result.stdout + result.stderr
+    assert "the sweep could not start" in result.stdout + result.stderr
     assert "Launching" not in result.stdout + result.stderr  # no job ran without a parent

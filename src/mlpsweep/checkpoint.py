@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import pickle
 import random
 from dataclasses import asdict, dataclass, fields
@@ -43,12 +44,14 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class CheckpointIdentity:
-    """What a checkpoint belongs to: the MLflow store and experiment, the config and the dataset."""
+    """What a checkpoint belongs to: the MLflow store and experiment, the config, the dataset and
+    the sweep (two sweeps that share a config never share a checkpoint)."""
 
     tracking_uri: str
     experiment: str
     config_hash: str
     data_digest: str
+    sweep: str = ""  # the sweep's parent run id; "" for a single run
 
     def key(self) -> str:
         """A short hex key: the sha256 of the fields."""
@@ -113,7 +116,7 @@ def save_checkpoint(
         "rng": _rng_states(generator),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")  # one writer per file
     torch.save(state, partial)
     partial.replace(path)
 

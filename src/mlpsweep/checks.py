@@ -12,7 +12,6 @@ import re
 import sys
 from typing import Any
 
-import requests
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, open_dict
 from mlpsweep.config import ConfigError, require, validate_config
 from mlpsweep.data import DataError, check_data_files
 from mlpsweep.engine import resolve_device
-from mlpsweep.tracking import resolve_tracking_uri
+from mlpsweep.tracking import resolve_tracking_uri, unanswered
 
 INPUT_ERRORS = (ConfigError, DataError)
 
@@ -46,15 +45,11 @@ def check_tracking_uri(uri: str, key: str = "tracking.uri") -> None:
 
 def check_tracking_server(tracking_uri: str) -> None:
     """An http(s) store must answer MLflow's health check within a few seconds."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    try:
-        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=5).raise_for_status()
-    except requests.RequestException as err:
+    if cause := unanswered(tracking_uri):
         raise ConfigError(
             f"tracking.uri={tracking_uri!r} (or $MLFLOW_TRACKING_URI): no MLflow server answers there "
-            f"({type(err).__name__}); start one with `mlflow server`, or use a sqlite:/// store"
-        ) from None
+            f"({cause}); start one with `mlflow server`, or use a sqlite:/// store"
+        )
 
 
 def check_settings(cfg: DictConfig) -> torch.device:

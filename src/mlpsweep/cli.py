@@ -44,7 +44,7 @@ from mlpsweep.engine import (
 from mlpsweep.model import build_model, count_parameters
 from mlpsweep.probe import ActivationProbe
 from mlpsweep.steps import step_kind
-from mlpsweep.sweep import close_sweep, current_session, in_launcher_process, resume_command
+from mlpsweep.sweep import close_sweep, current_session, in_launcher_process, multirun_started, resume_command
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def train(cfg: DictConfig) -> float:
         experiment=cfg.tracking.experiment,
         config_hash=cfg_hash,
         data_digest=dataset_digest(cfg.data.name, cfg.data.root),
+        sweep=tracking.parent_run_id() or "",
     )
     checkpoint = checkpoint_path(launch_dir() / cfg.trainer.checkpoint_dir, identity)
     resume_run_id, history = None, []
@@ -253,6 +254,8 @@ def main() -> None:
         run_job()
         code = 0
     except SystemExit as done:
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
         code = done.code if isinstance(done.code, int) else int(done.code is not None)
     except (interrupt.SweepStop, KeyboardInterrupt) as err:
         stop = err
@@ -261,6 +264,8 @@ def main() -> None:
             print(f"{err or 'interrupted'}; continue with: {resume_command()}", file=sys.stderr)
     if current_session() is not None:
         code = close_sweep(stop) or code  # the sweep's own line says what happened and how to continue
+    elif multirun_started() and code == 0:
+        code = 1  # a sweep whose parent run never opened did not run as a sweep
     sys.exit(code)
 
 

@@ -1,21 +1,28 @@
 """SIGINT and SIGTERM as a pause: the running job stops at the next step boundary, keeps its last
 epoch's checkpoint and ends its run KILLED; `resume=true` continues it later.
 
-The first signal only sets a flag, which the training loop reads between steps (`check`). A
+The first signal only sets a flag, which the training loop reads between steps (`check`). The
 process that launched a sweep passes the signal on to its job processes (joblib workers,
-submitit jobs), so `kill -TERM <launcher>` or SLURM's pre-emption reaches every job. In the
-process the user talks to (the launcher, or a single run) a second signal stops at once.
+submitit jobs: each registers itself when its first job starts), so `kill -TERM <launcher>`
+reaches every running job. In the process the user talks to (the launcher, or a single run) a
+second signal stops at once. A job process also stops on SIGUSR2, which submitit has SLURM send
+before a job's time limit.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import signal
-import sys
+import tempfile
+from pathlib import Path
 from types import FrameType
 
 import psutil
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# where job processes register their pid for the launcher to pass a signal on to
+JOB_PIDS_ENV = "MLPSWEEP_JOB_PIDS"
 
 
 class SweepStop(BaseException):
@@ -34,48 +41,72 @@ class Interrupted(SweepStop):
     exit_code = 130
 
 
-_state: dict[str, object] = {"signal": None, "installed": False, "launcher": False}
+class _State:
+    signal: str | None = None  # the signal that asked this process to stop
+    installed = False
+    launcher = False
 
 
 def install(launcher: bool) -> None:
     """Handle SIGINT and SIGTERM in this process (once; later calls keep the first role).
 
-    `launcher`: this process is the one a user talks to (the sweep's launcher or a single
-    run): it forwards the signal to its child processes, and a second signal stops it at once.
+    `launcher`: this process is the one a user talks to (the sweep's launcher or a single run):
+    it passes a signal on to the job processes that registered, and a second signal stops it at
+    once. Otherwise this is a job process: it registers with its launcher, and also stops on
+    SIGUSR2.
     """
-    if _state["installed"]:
+    if _State.installed:
         return
-    _state.update(installed=True, launcher=launcher)
-    for signum in SIGNALS:
+    _State.installed, _State.launcher = True, launcher
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if launcher:
+        if JOB_PIDS_ENV not in os.environ:
+            os.environ[JOB_PIDS_ENV] = tempfile.mkdtemp(prefix="mlpsweep-jobs-")
+            atexit.register(shutil.rmtree, os.environ[JOB_PIDS_ENV], ignore_errors=True)
+    else:
+        signals.append(signal.SIGUSR2)
+        if folder := os.environ.get(JOB_PIDS_ENV):
+            (Path(folder) / str(os.getpid())).touch()
+    for signum in signals:
         signal.signal(signum, _on_signal)
 
 
 def requested() -> str | None:
     """The name of the signal that asked this process to stop, if one did."""
-    return _state["signal"]  # type: ignore[return-value]
+    return _State.signal
 
 
 def check() -> None:
     """Raise Interrupted if a stop was requested (called between training steps)."""
-    if _state["signal"] is not None:
-        raise Interrupted(f"stopped by {_state['signal']}")
+    if _State.signal is not None:
+        raise Interrupted(f"stopped by {_State.signal}")
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     name = signal.Signals(signum).name
-    if _state["signal"] is not None:
-        if _state["launcher"]:
+    if _State.signal is not None:
+        if _State.launcher:
             raise KeyboardInterrupt  # a second signal: stop now
         return  # a job process: the launcher passing on what the terminal already sent
-    _state["signal"] = name
-    if _state["launcher"]:
-        print(
-            f"{name}: stopping after the current training step; checkpoints are kept, rerun with resume=true "
-            "to continue (send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
+    _State.signal = name
+    if _State.launcher:
+        _pass_on(signum)
+        message = (
+            f"{name}: stopping after the current training step; checkpoints are kept, rerun with "
+            "resume=true to continue (send it again to stop at once)\n"
         )
-        for child in psutil.Process().children(recursive=True):
+        os.write(2, message.encode())  # not print(): the signal may have interrupted a write to stderr
+
+
+def _pass_on(signum: int) -> None:
+    """Send `signum` to the job processes below this one that registered (an idle joblib worker
+    that never ran a job has no handler: the signal would kill it and break the pool)."""
+    folder = os.environ.get(JOB_PIDS_ENV)
+    if not folder:
+        return
+    registered = {int(path.name) for path in Path(folder).iterdir() if path.name.isdigit()}
+    for child in psutil.Process().children(recursive=True):
+        if child.pid in registered:
             try:
                 child.send_signal(signum)
             except psutil.Error:

@@ -35,7 +35,7 @@ from mlpsweep import figures
 from mlpsweep.checks import check_tracking_server, check_tracking_uri, uri_scheme
 from mlpsweep.config import ConfigError
 from mlpsweep.stats import summarize, welch_difference
-from mlpsweep.tracking import CONFIG_HASH_TAG, ERROR_TAG, FAILED_JOB_TAG_PREFIX, OVERRIDES_TAG, ROLE_TAG, resolve_tracking_uri
+from mlpsweep.tracking import ERROR_TAG, FAILED_JOB_TAG_PREFIX, OVERRIDES_TAG, ROLE_TAG, latest_attempts, resolve_tracking_uri
 
 AXES = ("activation", "norm", "dropout", "depth")
 # The first value of each order is the baseline an axis's effects are measured against.
@@ -171,15 +171,6 @@ def swept_axes(runs: pd.DataFrame, params: pd.DataFrame) -> list[str]:
         if not determined:
             extra.append(key)
     return axes + extra
-
-
-def latest_attempts(runs: Sequence[Run]) -> list[Run]:
-    """One run per config of a sweep that was resumed: its FINISHED run, else its latest attempt
-    (a failed attempt that a rerun under `resume=true` replaced is history, not a result)."""
-    chosen: dict[str, Run] = {}
-    for run in sorted(runs, key=lambda run: (run.info.status == "FINISHED", run.info.start_time)):
-        chosen[run.data.tags.get(CONFIG_HASH_TAG, run.info.run_id)] = run
-    return list(chosen.values())
 
 
 def load_sweep(client: MlflowClient, parent: Run) -> Sweep:

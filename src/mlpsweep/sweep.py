@@ -48,6 +48,7 @@ from mlpsweep.tracking import (
     TrackingOutage,
     configure_store_access,
     describe,
+    latest_attempts,
     prepare_store,
     resolve_tracking_uri,
     server_outage,
@@ -146,11 +147,16 @@ class SweepSession:
     exit_code: int | None = None  # set once the end of the sweep is recorded
 
 
-_session: list[SweepSession] = []  # the sweep of this process, if it launched one
+_started: list[bool] = []  # a multirun started in this process (even if its parent run could not be opened)
+_session: list[SweepSession] = []  # the sweep of this process, once its parent run is open
 
 
 def current_session() -> SweepSession | None:
-    return _session[0] if _session else None
+    return _session[-1] if _session else None
+
+
+def multirun_started() -> bool:
+    return bool(_started)
 
 
 def _earlier_parents(tracking_uri: str, experiment: str, key: str) -> list[Run]:
@@ -250,9 +256,7 @@ def _close(session: SweepSession, stop: BaseException | None) -> int:
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=50000
     )
-    latest: dict[str, str] = {}  # config hash -> the status of its latest run
-    for run in sorted(children, key=lambda run: run.info.start_time):
-        latest[run.data.tags.get(CONFIG_HASH_TAG, run.info.run_id)] = run.info.status
+    latest = {run.data.tags.get(CONFIG_HASH_TAG, run.info.run_id): run.info.status for run in latest_attempts(children)}
     expected = session.expected if session.expected is not None else set(latest)
     finished = {h for h in expected if latest.get(h) == "FINISHED"}
     failures = sorted(
@@ -291,19 +295,20 @@ class MlflowSweepCallback(Callback):
     holds even where Hydra turns an exception inside a callback into a warning."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _started.append(True)
         interrupt.install(launcher=True)
-        configure_store_access(config.tracking)
-        problems, expected = preflight(config)
-        if interrupt.requested():  # Ctrl-C during the checks: nothing was started, nothing is tracked
-            raise SystemExit(130)
         try:
+            problems, expected = preflight(config)
+            if interrupt.requested():  # Ctrl-C during the checks: nothing was started, nothing is tracked
+                raise SystemExit(130)
             if not problems:
+                configure_store_access(config.tracking)
                 _session.append(open_sweep(config, expected))
         except INPUT_ERRORS as err:
             problems = [str(err)]
-        except Exception as err:  # the store: Hydra would only warn and run the jobs without a parent
+        except Exception as err:  # e.g. the store: Hydra would only warn, and run the jobs without a parent
             uri = resolve_tracking_uri(config.tracking.uri)
-            log.error(f"the sweep could not start: the tracking store {uri} failed ({describe(err)})")
+            log.error(f"the sweep could not start ({describe(err)}); tracking store: {uri}")
             raise SystemExit(1) from None
         if problems:
             for problem in problems:

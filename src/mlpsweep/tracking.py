@@ -86,16 +86,22 @@ def _session_busy_timeout(conn, cursor, statement: str, parameters, context, exe
     return statement, parameters
 
 
-def server_outage(tracking_uri: str) -> str | None:
-    """Why an http(s) tracking server does not answer its health check now (None: it answers, or
-    the store is not a server)."""
+def unanswered(tracking_uri: str) -> str | None:
+    """Why an http(s) tracking server does not answer its health check now (the error's type,
+    e.g. ConnectionError; None when it answers, or when the store is not a server)."""
     if not tracking_uri.startswith(("http://", "https://")):
         return None
     try:
-        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=3).raise_for_status()
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=5).raise_for_status()
     except requests.RequestException as err:
-        return f"the tracking server {tracking_uri} does not answer ({type(err).__name__})"
+        return type(err).__name__
     return None
+
+
+def server_outage(tracking_uri: str) -> str | None:
+    """One line on a tracking server that does not answer (None: it answers, or is no server)."""
+    cause = unanswered(tracking_uri)
+    return f"the tracking server {tracking_uri} does not answer ({cause})" if cause else None
 
 
 @contextmanager
@@ -152,7 +158,7 @@ def run_name(cfg: DictConfig) -> str:
     return f"{a['activation']}-{a['norm']}-p{a['dropout']}-{a['depth']}-s{cfg.seed}"
 
 
-def _parent_run_id() -> str | None:
+def parent_run_id() -> str | None:
     in_multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     return os.environ.get(PARENT_RUN_ENV) if in_multirun else None
 
@@ -272,6 +278,15 @@ def log_model(model: nn.Module, example: torch.Tensor) -> None:
     )
 
 
+def latest_attempts(runs: Sequence[Run]) -> list[Run]:
+    """One run per config of a sweep that was resumed: its FINISHED run, else its latest attempt
+    (a failed attempt that a rerun under `resume=true` replaced is history, not a result)."""
+    chosen: dict[str, Run] = {}
+    for run in sorted(runs, key=lambda run: (run.info.status == "FINISHED", run.info.start_time)):
+        chosen[run.data.tags.get(CONFIG_HASH_TAG, run.info.run_id)] = run
+    return list(chosen.values())
+
+
 def finished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
     """The latest FINISHED run with the config hash `cfg_hash`: among the sweep's children in a
     multirun (another sweep's run of the same config is not this sweep's), else in the experiment."""
@@ -287,20 +302,23 @@ def finished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
 
 def _sweep_filter() -> str:
     """In a multirun, the search filter that keeps the sweep's own children."""
-    parent_id = _parent_run_id()
+    parent_id = parent_run_id()
     return f" and tags.mlflow.parentRunId = '{parent_id}'" if parent_id else ""
 
 
 def unfinished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
-    """The latest run of this config (in this sweep, in a multirun) that stopped before it finished."""
+    """The latest run of this config (in this sweep, in a multirun) that stopped before it finished,
+    if it stopped before logging any epoch (so it can start again from epoch 0 without logging an
+    epoch twice)."""
     client, experiment_id = prepare_store(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
     runs = client.search_runs(
         [experiment_id],
         f"tags.`{CONFIG_HASH_TAG}` = '{cfg_hash}'{_sweep_filter()}",
         order_by=["attributes.start_time DESC"],
     )
-    own = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == _parent_run_id()]  # not a sweep's, alone
-    return next((run for run in own if run.info.status in ("RUNNING", "KILLED")), None)
+    own = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent_run_id()]  # not a sweep's, alone
+    unfinished = next((run for run in own if run.info.status in ("RUNNING", "KILLED")), None)
+    return unfinished if unfinished and "val_acc" not in unfinished.data.metrics else None
 
 
 def continuable_run(cfg: DictConfig, run_id: str, cfg_hash: str) -> str | None:
@@ -314,7 +332,7 @@ def continuable_run(cfg: DictConfig, run_id: str, cfg_hash: str) -> str | None:
     tags = run.data.tags
     if run.info.experiment_id != experiment_id or tags.get(CONFIG_HASH_TAG) != cfg_hash:
         return f"its run {run_id} is of another experiment or config"
-    if tags.get("mlflow.parentRunId") != _parent_run_id():
+    if tags.get("mlflow.parentRunId") != parent_run_id():
         return f"its run {run_id} belongs to another sweep"
     if run.info.status not in ("RUNNING", "KILLED"):
         return f"its run {run_id} is {run.info.status}"
@@ -337,8 +355,9 @@ def job_run(
     In a multirun the run is a child of the sweep's parent run. `resume_run_id` continues an
     unfinished run instead (its params are already there). The run ends FINISHED; KILLED on
     Interrupted (its checkpoint stays, to be continued); FAILED on any other exception, with the
-    error as a one-line tag and the traceback as an artifact. When a tracking server stopped
-    answering, TrackingOutage is raised and the run is left RUNNING for `resume=true`.
+    error as a one-line tag and the traceback as an artifact (see _end_stopped_run). When a
+    tracking server stopped answering, TrackingOutage is raised and the run is left RUNNING for
+    `resume=true`.
     """
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     _, experiment_id = prepare_store(tracking_uri, cfg.tracking.experiment)
@@ -351,7 +370,7 @@ def job_run(
     else:
         tags = {ROLE_TAG: "job", OVERRIDES_TAG: " ".join(overrides), CONFIG_HASH_TAG: cfg_hash}
         run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name(cfg), parent_run_id=_parent_run_id(), tags=tags
+            experiment_id=experiment_id, run_name=run_name(cfg), parent_run_id=parent_run_id(), tags=tags
         )
     try:
         if not resume_run_id:
@@ -361,21 +380,35 @@ def job_run(
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
         yield run
-    except (Interrupted, KeyboardInterrupt) as err:
-        reason = str(err) or "stopped at once by a second signal"
-        mlflow.set_tag(ERROR_TAG, f"interrupted ({reason}); resume=true continues it from its last checkpoint")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
     except BaseException as err:
         if outage := server_outage(tracking_uri):
             with _without_retries(), suppress(Exception):
                 mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))  # forgets the run locally; the server is down
             raise TrackingOutage(outage) from err
-        mlflow.set_tag(ERROR_TAG, describe(err))
-        mlflow.log_text(traceback.format_exc(), "traceback.txt")
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_stopped_run(err)
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _end_stopped_run(err: BaseException) -> None:
+    """End the active run KILLED (an interrupt, or a SystemExit such as submitit's) or FAILED,
+    with the reason as a one-line tag; the status is written even if the tag or traceback is not."""
+    interrupted = isinstance(err, (Interrupted, KeyboardInterrupt, SystemExit))
+    run_id = mlflow.active_run().info.run_id
+    try:
+        if interrupted:
+            reason = str(err) if isinstance(err, Interrupted) else f"{type(err).__name__}, stopped at once"
+            mlflow.set_tag(ERROR_TAG, f"interrupted ({reason}); resume=true continues it from its last checkpoint")
+        else:
+            mlflow.set_tag(ERROR_TAG, describe(err))
+            mlflow.log_text(traceback.format_exc(), "traceback.txt")
+    except Exception:
+        log.exception(f"could not record why run {run_id} stopped")
+    finally:
+        try:
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+        except Exception:
+            log.exception(f"could not end run {run_id}; resume=true will find it unfinished")
 
 
 def log_missing_epochs(history: Sequence[EpochMetrics]) -> None:
@@ -399,7 +432,7 @@ def record_job_failure(cfg: DictConfig, err: BaseException) -> None:
 
     This also covers jobs that failed before their own run started (e.g. a bad value).
     """
-    parent_id = _parent_run_id()
+    parent_id = parent_run_id()
     if parent_id is None:
         return
     job = HydraConfig.get().job
