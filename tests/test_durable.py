@@ -121,6 +121,20 @@ def test_sigterm_to_a_joblib_launcher_stops_every_running_job_safely(tiny_mnist_
     assert {c.info.run_id for c in children} <= {c.info.run_id for c in children_after}  # continued, not redone
 
 
+def test_ctrl_c_in_a_terminal_stops_a_joblib_sweep_with_more_workers_than_jobs(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """The terminal sends SIGINT to the whole process group, idle workers included."""
+    sweep = command(tiny_mnist_root, tmp_path, "activation=sigmoid,relu", *LONG, "hydra/launcher=joblib", "hydra.launcher.n_jobs=4")
+    process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    wait_for_a_checkpoint(process, tmp_path / "checkpoints")
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    print(output[-4000:])
+    assert process.returncode == 130 and "Traceback" not in output
+    (parent,), children = store_runs(sqlite_uri(tmp_path))
+    assert parent.info.status == "KILLED" and children and {c.info.status for c in children} == {"KILLED"}
+
+
 def test_a_sweep_name_is_one_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
     small = ["trainer.max_epochs=1", "probe.enabled=false", "depth.widths=[16]", "tracking.sweep_name=ablation"]
     assert run(command(tiny_mnist_root, tmp_path, "activation=relu,tanh", *small), tmp_path).returncode == 0

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import shlex
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,7 +32,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from mlpsweep import interrupt
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
 SWEEP_KEY_TAG = "mlpsweep.sweep_key"
 SWEEP_OVERRIDES_TAG = "mlpsweep.sweep_overrides"
-# the pid of the process that launched the sweep: a job running inside it (the basic launcher)
+# host:pid of the process that launched the sweep: a job running inside it (the basic launcher)
 # stops the sweep itself on an interrupt, a job in a worker process leaves that to the launcher
 LAUNCHER_PID_ENV = "MLPSWEEP_LAUNCHER_PID"
 
@@ -220,13 +221,18 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
         parent = client.create_run(experiment_id, run_name=name, tags=tags)
         log.info(f"MLflow: sweep {name} is parent run {parent.info.run_id} in {client.tracking_uri}")
     os.environ[PARENT_RUN_ENV] = parent.info.run_id
-    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    os.environ[LAUNCHER_PID_ENV] = _this_process()
     return SweepSession(client, parent.info.run_id, parent.info.run_name, expected)
+
+
+def _this_process() -> str:
+    """host:pid (a SLURM job on another node may have the launcher's pid)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def in_launcher_process() -> bool:
     """Whether this job runs inside the process that launched its sweep (the basic launcher)."""
-    return os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid())
+    return os.environ.get(LAUNCHER_PID_ENV) == _this_process()
 
 
 def close_sweep(stop: BaseException | None = None) -> int:
@@ -289,6 +295,17 @@ def _close(session: SweepSession, stop: BaseException | None) -> int:
     return 130
 
 
+def no_idle_workers(config: DictConfig, jobs: int) -> None:
+    """A joblib launcher starts no more workers than the sweep has jobs: a worker that never ran
+    a job has no signal handler, so the terminal's Ctrl-C would kill it, and loky would then
+    break the pool and kill the workers that are stopping their jobs safely."""
+    launcher = config.hydra.launcher
+    workers = launcher.get("n_jobs")
+    if isinstance(workers, int) and (workers < 1 or workers > jobs):
+        with read_write(config.hydra), open_dict(config.hydra):
+            launcher.n_jobs = min(jobs, os.cpu_count() or 1) if workers < 1 else jobs
+
+
 class MlflowSweepCallback(Callback):
     """Opens the sweep's parent run before its jobs (after checking all of them) and closes it
     after them. The exit status is `close_sweep`'s, applied by the entry point (cli.main), so it
@@ -304,6 +321,8 @@ class MlflowSweepCallback(Callback):
             if not problems:
                 configure_store_access(config.tracking)
                 _session.append(open_sweep(config, expected))
+                if expected:
+                    no_idle_workers(config, len(expected))
         except INPUT_ERRORS as err:
             problems = [str(err)]
         except Exception as err:  # e.g. the store: Hydra would only warn, and run the jobs without a parent
