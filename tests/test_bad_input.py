@@ -472,3 +472,11 @@ def test_cli_sweep_with_an_unusable_tracking_uri_writes_nothing(tiny_mnist_root:
     assert re.search(rf"job 0 \[.*activation=relu.*\]: {re.escape(message)}$", output, re.M)
     assert re.search(rf"job 1 \[.*activation=tanh.*\]: {re.escape(message)}$", output, re.M)
     assert_nothing_written(tmp_path)
+
+
+def test_cli_optuna_search_checks_its_shared_config_before_any_trial(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer.batch_size=0"]
+    result = run_cli([*tiny_overrides(tiny_mnist_root), *search], tmp_path)
+    assert result.returncode == 2
+    assert "trainer.batch_size=0: must be a positive integer" in result.stdout + result.stderr
+    assert_nothing_written(tmp_path)

@@ -76,18 +76,26 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
     return BasicSweeper.split_arguments(overrides, None)[0]
 
 
+def fixed_overrides(config: DictConfig) -> list[str]:
+    """The overrides every job of a sweep shares (those that are not a sweep over values)."""
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    return [o.input_line for o in parser.parse_overrides(list(config.hydra.overrides.task)) if not o.is_sweep_override()]
+
+
 def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
     """Compose and check every job of the sweep: one line per job that would fail on its input,
-    and the config hash of every job (None when the sweeper decides the jobs as it goes)."""
+    and the config hash of every job. A sweeper that decides the jobs as it goes (Optuna) gets
+    its shared config checked, and None for the hashes."""
     jobs = job_overrides(config)
+    expected: set[str] | None = set() if jobs is not None else None
     if jobs is None:
-        return [], None
+        jobs = [fixed_overrides(config)]
     try:
         check_tracking_server(resolve_tracking_uri(config.tracking.uri))  # once for the sweep
     except INPUT_ERRORS as err:
         return [str(err)], None
     loader = GlobalHydra.instance().config_loader()
-    problems, hashes = [], set()
+    problems = []
     nvml_check = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # ask NVML about GPUs: no CUDA in the launcher
     try:
@@ -97,7 +105,8 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
                 with open_dict(cfg):
                     del cfg["hydra"]
                 check_job_inputs(cfg)
-                hashes.add(config_hash(cfg))
+                if expected is not None:
+                    expected.add(config_hash(cfg))
             except (*INPUT_ERRORS, HydraException, OmegaConfBaseException) as err:
                 message = " ".join(str(err).split("Config search path")[0].split())  # one line, no search path
                 problems.append(f"job {num} [{' '.join(overrides)}]: {message}")
@@ -106,7 +115,7 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
             os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK")
         else:
             os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml_check
-    return problems, hashes
+    return problems, expected
 
 
 def identity_overrides(overrides: list[str]) -> list[str]:
