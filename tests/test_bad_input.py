@@ -49,6 +49,8 @@ BAD = {
     "depth.widths=[-3]": r"depth\.widths=\[-3\]: must be a list of positive integers",
     "trainer.batch_size=0": r"trainer\.batch_size=0: must be a positive integer",
     "trainer.max_epochs=-1": r"trainer\.max_epochs=-1: must be a positive integer",
+    "trainer.batch_size=541": r"trainer\.batch_size=541: must be at most the number of training images \(540\)",
+    "data.limit_train=10": r"trainer\.batch_size=32: must be at most the number of training images \(10\)",
     "data.root=/nonexistent": r"data\.root='/nonexistent': point MNIST_ROOT \(or data\.root\) at the folder that contains MNIST/raw/; missing in /nonexistent/MNIST/raw",
 }
 

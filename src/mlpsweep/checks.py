@@ -60,10 +60,17 @@ def check_settings(cfg: DictConfig) -> torch.device:
     return resolve_device(cfg.trainer.device)
 
 
+def check_data(cfg: DictConfig) -> None:
+    """The data files (downloaded when missing and allowed), and a batch size they can fill."""
+    train_size = check_data_files(cfg.data)
+    batch = cfg.trainer.batch_size
+    require(batch <= train_size, "trainer.batch_size", batch, f"at most the number of training images ({train_size})")
+
+
 def check_job_inputs(cfg: DictConfig) -> torch.device:
-    """Check the settings, then the data files (downloaded when missing and allowed); return the device."""
+    """Check the settings, then the data; return the device."""
     device = check_settings(cfg)
-    check_data_files(cfg.data)
+    check_data(cfg)
     return device
 
 
@@ -71,7 +78,7 @@ def check_inputs(cfg: DictConfig) -> torch.device:
     """Check everything a job needs, the tracking server included (before any download); return the device."""
     device = check_settings(cfg)
     check_tracking_server(resolve_tracking_uri(cfg.tracking.uri))
-    check_data_files(cfg.data)
+    check_data(cfg)
     return device
 
 

@@ -29,7 +29,7 @@ from mlpsweep.checkpoint import (
     save_checkpoint,
 )
 from mlpsweep.checks import INPUT_ERRORS, check_inputs
-from mlpsweep.config import CONFIG_DIR, check_group_overrides, launch_dir, require
+from mlpsweep.config import CONFIG_DIR, check_group_overrides, launch_dir
 from mlpsweep.data import DataSplits, dataset_digest, load_splits
 from mlpsweep.engine import (
     EpochMetrics,
@@ -72,12 +72,6 @@ def train(cfg: DictConfig) -> float:
         return tracking.best_metric(cfg, finished.info.run_id, "val_acc")
 
     data = load_splits(cfg.data, device)
-    require(
-        cfg.trainer.batch_size <= len(data.train),
-        "trainer.batch_size",
-        cfg.trainer.batch_size,
-        f"at most the number of training images ({len(data.train)})",
-    )
 
     def fresh_state() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Generator]:
         """The model, optimizer and batch-order generator a job of this seed starts from."""
