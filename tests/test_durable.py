@@ -135,6 +135,21 @@ def test_ctrl_c_in_a_terminal_stops_a_joblib_sweep_with_more_workers_than_jobs(t
     assert parent.info.status == "KILLED" and children and {c.info.status for c in children} == {"KILLED"}
 
 
+def test_resume_refuses_a_sweep_that_is_still_running(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    sweep = command(tiny_mnist_root, tmp_path, "activation=sigmoid,relu", *LONG)
+    process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_a_checkpoint(process, tmp_path / "checkpoints")
+        second = run(sweep + ["resume=true"], tmp_path)
+        assert second.returncode == 2
+        assert f"is still running (its launcher is process {process.pid})" in second.stdout + second.stderr
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) in (0, 130)
+    (parent,), _ = store_runs(sqlite_uri(tmp_path))  # the running sweep was left alone
+    assert parent.info.status in ("KILLED", "FINISHED")
+
+
 def test_a_sweep_name_is_one_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
     small = ["trainer.max_epochs=1", "probe.enabled=false", "depth.widths=[16]", "tracking.sweep_name=ablation"]
     assert run(command(tiny_mnist_root, tmp_path, "activation=relu,tanh", *small), tmp_path).returncode == 0

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -63,6 +64,7 @@ SWEEP_OVERRIDES_TAG = "mlpsweep.sweep_overrides"
 # host:pid of the process that launched the sweep: a job running inside it (the basic launcher)
 # stops the sweep itself on an interrupt, a job in a worker process leaves that to the launcher
 LAUNCHER_PID_ENV = "MLPSWEEP_LAUNCHER_PID"
+LAUNCHER_TAG = "mlpsweep.launcher"  # host:pid of the process running the sweep
 
 
 def job_overrides(config: DictConfig) -> list[list[str]] | None:
@@ -202,6 +204,24 @@ def _refuse_reused_name(config: DictConfig, earlier: Run, overrides: str) -> Non
         )
 
 
+def _refuse_running(parent: Run) -> None:
+    """Raise ConfigError when the sweep's launcher is still running on this machine (a launcher on
+    another machine cannot be seen from here): two launchers would train the same runs."""
+    host, _, pid = parent.data.tags.get(LAUNCHER_TAG, "").rpartition(":")
+    if parent.info.status != "RUNNING" or host != socket.gethostname() or not pid.isdigit():
+        return
+    try:
+        launcher = psutil.Process(int(pid))
+        alive = launcher.create_time() <= parent.info.start_time / 1000  # not a later process with its pid
+    except psutil.Error:
+        return
+    if alive:
+        raise ConfigError(
+            f"resume=true: sweep {parent.info.run_name} is still running (its launcher is process {pid}); "
+            f"wait for it to end, or stop it (Ctrl-C, or kill -TERM {pid}) and resume then"
+        )
+
+
 def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
     """Create the sweep's parent run, or reattach its earlier one (resume=true, or the same name)."""
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
@@ -210,6 +230,8 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
     earlier = _earlier_parents(tracking_uri, config.tracking.experiment, key)
     if earlier and config.tracking.sweep_name:
         _refuse_reused_name(config, earlier[0], overrides)
+    if earlier and config.resume:
+        _refuse_running(earlier[0])
     client, experiment_id = prepare_store(tracking_uri, config.tracking.experiment)
     if earlier and config.resume:
         parent = earlier[0]
@@ -217,6 +239,7 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
             if tag.startswith(FAILED_JOB_TAG_PREFIX) or tag == ERROR_TAG:
                 client.delete_tag(parent.info.run_id, tag)
         client.update_run(parent.info.run_id, status="RUNNING")
+        client.set_tag(parent.info.run_id, LAUNCHER_TAG, _this_process())
         log.info(f"MLflow: resuming sweep {parent.info.run_name}, parent run {parent.info.run_id}")
     else:
         name = config.tracking.sweep_name or datetime.now().strftime("sweep-%Y-%m-%d_%H-%M-%S")
@@ -226,6 +249,7 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
             SWEEP_OVERRIDES_TAG: overrides,
             OVERRIDES_TAG: " ".join(config.hydra.overrides.task),
             "mlpsweep.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
+            LAUNCHER_TAG: _this_process(),
         }
         parent = client.create_run(experiment_id, run_name=name, tags=tags)
         log.info(f"MLflow: sweep {name} is parent run {parent.info.run_id} in {client.tracking_uri}")
