@@ -16,9 +16,12 @@ from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from mlpsweep.checkpoint import config_hash
+from mlpsweep.checkpoint import CheckpointIdentity, checkpoint_path, config_hash, save_checkpoint
 from mlpsweep.cli import train
-from mlpsweep.tracking import CONFIG_HASH_TAG, ROLE_TAG
+from mlpsweep.data import dataset_digest
+from mlpsweep.engine import EpochMetrics, build_optimizer
+from mlpsweep.model import build_model
+from mlpsweep.tracking import CONFIG_HASH_TAG, ROLE_TAG, resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +112,18 @@ def test_deterministic_switch_makes_gpu_runs_repeatable(tiny_cfg: Callable[..., 
     first = train(tiny_cfg("trainer.device=cuda", "trainer.deterministic=true", "dropout=lecture"))
     second = train(tiny_cfg("trainer.device=cuda", "trainer.deterministic=true", "dropout=lecture"))
     assert first == second
+
+
+def test_a_checkpoint_whose_run_cannot_be_continued_does_not_seed_a_fresh_run(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """The run a checkpoint belongs to is gone: the job starts afresh, not from the file's weights."""
+    small = ["depth.widths=[16]", "probe.enabled=false"]
+    cfg = tiny_cfg(*small, "resume=true")
+    identity = CheckpointIdentity(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, config_hash(cfg),
+                                  dataset_digest(cfg.data.name, cfg.data.root))  # fmt: skip
+    model = build_model(cfg, 784, 10)
+    for parameter in model.parameters():
+        parameter.data.zero_()
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    path = checkpoint_path(Path(cfg.trainer.checkpoint_dir), identity)
+    save_checkpoint(path, identity, "no-such-run", cfg, model, optimizer, torch.Generator(), [EpochMetrics(1, 9, 0, 9, 0, 1)])
+    assert train(cfg) == train(tiny_cfg(*small))  # the same as a run that never saw the checkpoint

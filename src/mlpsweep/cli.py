@@ -94,10 +94,11 @@ def train(cfg: DictConfig) -> float:
     if cfg.resume:
         if resumed := resume_from(checkpoint, identity, cfg, model, optimizer, generator):
             resume_run_id, history = resumed.run_id, resumed.history
-        elif unfinished := tracking.unfinished_run(cfg, cfg_hash):  # stopped before its first checkpoint
-            model, optimizer, generator = fresh_state()
-            resume_run_id = unfinished.info.run_id
-            log.info(f"resume: run {resume_run_id} has no checkpoint; it starts again from epoch 0")
+        else:
+            model, optimizer, generator = fresh_state()  # undo what a checkpoint that is not continued restored
+            if unfinished := tracking.unfinished_run(cfg, cfg_hash):  # stopped before its first checkpoint
+                resume_run_id = unfinished.info.run_id
+                log.info(f"resume: run {resume_run_id} has no checkpoint; it starts again from epoch 0")
     title = tracking.run_name(cfg)
     log.info(f"{title} on {device} ({torch.get_num_threads()} CPU threads), {num_params:,} parameters:\n{model}")
     probe = ActivationProbe(
