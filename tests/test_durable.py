@@ -136,7 +136,8 @@ def test_ctrl_c_in_a_terminal_stops_a_joblib_sweep_with_more_workers_than_jobs(t
 
 
 def test_resume_refuses_a_sweep_that_is_still_running(tiny_mnist_root: Path, tmp_path: Path) -> None:
-    sweep = command(tiny_mnist_root, tmp_path, "activation=sigmoid,relu", *LONG)
+    # long enough to be still running when the second launch has started (it is stopped below)
+    sweep = command(tiny_mnist_root, tmp_path, "activation=sigmoid,relu", *LONG, "trainer.max_epochs=100000")
     process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_a_checkpoint(process, tmp_path / "checkpoints")
