@@ -48,6 +48,8 @@ OVERRIDES_TAG = "mlpsweep.overrides"
 ERROR_TAG = "mlpsweep.error"
 CONFIG_HASH_TAG = "mlpsweep.config_hash"
 FAILED_JOB_TAG_PREFIX = "mlpsweep.failed_job."
+# the statuses of a run that stopped before it finished and may be continued (resume=true)
+UNFINISHED = ("RUNNING", "KILLED")
 
 
 class TrackingOutage(SweepStop):
@@ -287,37 +289,32 @@ def latest_attempts(runs: Sequence[Run]) -> list[Run]:
     return list(chosen.values())
 
 
-def finished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
-    """The latest FINISHED run with the config hash `cfg_hash`: among the sweep's children in a
-    multirun (another sweep's run of the same config is not this sweep's), else in the experiment."""
+def _config_runs(cfg: DictConfig, cfg_hash: str, status_filter: str = "", max_results: int = 1000) -> list[Run]:
+    """The runs with the config hash `cfg_hash`, latest first: in a multirun only the sweep's own
+    children (another sweep's run of the same config is not this sweep's), else the experiment's."""
     client, experiment_id = prepare_store(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.`{CONFIG_HASH_TAG}` = '{cfg_hash}' and attributes.status = 'FINISHED'{_sweep_filter()}",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
-def _sweep_filter() -> str:
-    """In a multirun, the search filter that keeps the sweep's own children."""
     parent_id = parent_run_id()
-    return f" and tags.mlflow.parentRunId = '{parent_id}'" if parent_id else ""
+    in_sweep = f" and tags.mlflow.parentRunId = '{parent_id}'" if parent_id else ""
+    return client.search_runs(
+        [experiment_id],
+        f"tags.`{CONFIG_HASH_TAG}` = '{cfg_hash}'{status_filter}{in_sweep}",
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
+
+
+def finished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
+    """The latest FINISHED run with the config hash `cfg_hash` (see _config_runs)."""
+    runs = _config_runs(cfg, cfg_hash, " and attributes.status = 'FINISHED'", max_results=1)
+    return runs[0] if runs else None
 
 
 def unfinished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
     """The latest run of this config (in this sweep, in a multirun) that stopped before it finished,
     if it stopped before logging any epoch (so it can start again from epoch 0 without logging an
     epoch twice)."""
-    client, experiment_id = prepare_store(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.`{CONFIG_HASH_TAG}` = '{cfg_hash}'{_sweep_filter()}",
-        order_by=["attributes.start_time DESC"],
-    )
-    own = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent_run_id()]  # not a sweep's, alone
-    unfinished = next((run for run in own if run.info.status in ("RUNNING", "KILLED")), None)
+    own = [run for run in _config_runs(cfg, cfg_hash) if run.data.tags.get("mlflow.parentRunId") == parent_run_id()]
+    unfinished = next((run for run in own if run.info.status in UNFINISHED), None)  # own: not a sweep's, alone
     return unfinished if unfinished and "val_acc" not in unfinished.data.metrics else None
 
 
@@ -334,7 +331,7 @@ def continuable_run(cfg: DictConfig, run_id: str, cfg_hash: str) -> str | None:
         return f"its run {run_id} is of another experiment or config"
     if tags.get("mlflow.parentRunId") != parent_run_id():
         return f"its run {run_id} belongs to another sweep"
-    if run.info.status not in ("RUNNING", "KILLED"):
+    if run.info.status not in UNFINISHED:
         return f"its run {run_id} is {run.info.status}"
     return None
 
