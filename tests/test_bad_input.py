@@ -197,6 +197,22 @@ BAD_VALUES = {  # overrides (space-separated) -> the whole message (its start, w
     "probe.bins=0": "probe.bins=0: must be a positive integer",
     "probe.saturation_margin=0.5": "probe.saturation_margin=0.5: must be a number in [0, 0.5)",
     "tracking.uri=bogus://x": f"tracking.uri='bogus://x': {URI_ALLOWED}",
+    "init.name=lecun": "init.name='lecun': must be one of default, xavier_uniform, xavier_normal, kaiming_uniform,",
+    "init=xavier_normal init.bias=ones": "init.bias='ones': must be one of zeros, default",
+    "scheduler.name=cyclic": "scheduler.name='cyclic': must be one of none, step, cosine, onecycle, plateau",
+    "scheduler=step scheduler.step_size=0": "scheduler.step_size=0: must be a positive integer",
+    "scheduler=step scheduler.gamma=-0.5": "scheduler.gamma=-0.5: must be a positive number",
+    "scheduler=cosine scheduler.warmup_epochs=2":
+        "scheduler.warmup_epochs=2: must be fewer than trainer.max_epochs (2)",
+    "scheduler=cosine scheduler.warmup_start_factor=0": "scheduler.warmup_start_factor=0: must be a number in (0, 1]",
+    "scheduler=onecycle scheduler.pct_start=1.0": "scheduler.pct_start=1.0: must be a number in (0, 1)",
+    "scheduler=onecycle scheduler.anneal_strategy=exp": "scheduler.anneal_strategy='exp': must be one of cos, linear",
+    "scheduler=plateau scheduler.monitor=train_loss": "scheduler.monitor='train_loss': must be one of val_loss, val_acc",
+    "scheduler=plateau scheduler.factor=1.5": "scheduler.factor=1.5: must be a number in (0, 1)",
+    "trainer.early_stopping.patience=0": "trainer.early_stopping.patience=0: must be null (off) or a positive integer",
+    "trainer.early_stopping.monitor=test_acc": "trainer.early_stopping.monitor='test_acc': must be one of val_loss, val_acc",
+    "trainer.early_stopping.min_delta=-0.1": "trainer.early_stopping.min_delta=-0.1: must be a non-negative number",
+    "trainer.early_stopping.restore_best=maybe": "trainer.early_stopping.restore_best='maybe': must be true or false",
 }
 
 
@@ -397,7 +413,9 @@ GROUP_OVERRIDES = {
         f"activation=bar: must be one of {ACTIVATIONS}",
     ],
     "dropout=choice(none,0.5)": [f"dropout=0.5: {DROPOUT_RATE}0.5"],
-    "depth=range(1,3)": [f"depth={n}: must be one of four, one, three, two" for n in (1, 2)],
+    "depth=range(1,3)": [f"depth={n}: must be one of deep, four, one, three, two" for n in (1, 2)],
+    "init=he": ["init=he: must be one of default, kaiming_normal, kaiming_uniform, orthogonal, xavier_normal, xavier_uniform"],
+    "scheduler=cosine,linear": ["scheduler=linear: must be one of cosine, none, onecycle, plateau, step"],
     "norm=true": ["norm=true: must be one of batchnorm, layernorm, none"],
     "norm=null": ["norm=null: must be one of batchnorm, layernorm, none"],
     "~norm": ["~norm: norm cannot be left out; it must be one of batchnorm, layernorm, none"],

@@ -10,7 +10,7 @@ from hydra.errors import MissingConfigException
 from mlpsweep.config import CONFIG_DIR, ConfigError, validate_config
 from mlpsweep.engine import resolve_device
 
-GROUPS = ("activation", "norm", "dropout", "depth", "optimizer", "data", "trainer", "tracking")
+GROUPS = ("activation", "norm", "dropout", "depth", "init", "optimizer", "scheduler", "data", "trainer", "tracking")
 GROUP_OPTIONS = [
     (group, path.stem) for group in GROUPS for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
 ]
@@ -21,7 +21,9 @@ def test_every_group_has_its_options() -> None:
     assert options["activation"] == {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "silu"}
     assert options["norm"] == {"none", "batchnorm", "layernorm"}
     assert options["dropout"] == {"none", "lecture", "heavy"}
-    assert options["depth"] == {"one", "two", "three", "four"}
+    assert options["depth"] == {"one", "two", "three", "four", "deep"}
+    assert options["init"] == {"default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal"}
+    assert options["scheduler"] == {"none", "step", "cosine", "onecycle", "plateau"}
     assert options["optimizer"] == {"sgd", "sgd_momentum", "adam", "adamw"}
     assert options["data"] == {"mnist", "fashion_mnist", "kmnist"}
 

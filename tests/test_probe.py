@@ -70,13 +70,15 @@ def test_a_run_logs_probe_metrics_every_epoch_and_its_figures(tiny_cfg: Callable
     client = MlflowClient(sqlite_uri(tmp_path))
     run = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])[0]
     for layer in ("hidden1", "hidden2"):
-        for key in ("linear_mean", "linear_std", "act_mean", "act_std", "saturated_frac"):
+        for key in ("linear_mean", "linear_std", "act_mean", "act_std", "saturated_frac", "grad_norm", "input_grad_norm"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, f"probe/{layer}/{key}")]
             assert steps == [0, 1, 2, 3]
     assert 0 < run.data.metrics["probe_time_frac"] < 1
 
     probe_files = {a.path for a in client.list_artifacts(run.info.run_id, "probe")}
-    assert probe_files == {f"probe/epoch_00{e}.png" for e in (0, 2, 3)} | {"probe/activations.gif", "probe/histograms.json"}
+    assert probe_files == {f"probe/epoch_00{e}.png" for e in (0, 2, 3)} | {
+        "probe/activations.gif", "probe/histograms.json", "probe/gradient_norms.png"
+    }
     histograms = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/probe/histograms.json"))
     assert sorted(histograms) == ["0", "2", "3"] and set(histograms["3"]) == {"hidden1", "hidden2"}
 

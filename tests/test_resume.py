@@ -63,7 +63,10 @@ def test_rerunning_an_identical_config_without_resume_makes_a_new_run(tiny_cfg: 
 
 
 def test_a_killed_job_resumes_to_the_metrics_of_an_uninterrupted_run(tiny_mnist_root: Path, tmp_path: Path) -> None:
-    args = ["trainer.max_epochs=25", "dropout=lecture", "seed=3", "probe.enabled=false"]
+    """With every piece of state a run carries: dropout's random stream, a per-step learning-rate
+    schedule, and early stopping that tests the best epoch's weights."""
+    stopping = ["trainer.early_stopping.monitor=val_acc", "trainer.early_stopping.patience=3", "trainer.early_stopping.min_delta=0.02"]
+    args = ["trainer.max_epochs=25", "dropout=lecture", "seed=3", "probe.enabled=false", "scheduler=onecycle", *stopping]
     subprocess.run(train_command(tiny_mnist_root, tmp_path / "whole", *args), cwd=tmp_path, check=True, capture_output=True, timeout=600)
 
     killed_dir = tmp_path / "killed"
@@ -88,10 +91,12 @@ def test_a_killed_job_resumes_to_the_metrics_of_an_uninterrupted_run(tiny_mnist_
     for store, run in ((tmp_path / "whole", whole), (killed_dir, resumed)):
         client = MlflowClient(sqlite_uri(store))
         histories.append({key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-                          for key in ("train_loss", "val_loss", "val_acc")})  # fmt: skip
-    assert histories[0] == histories[1] and len(histories[0]["val_acc"]) == 25
-    assert resumed.data.metrics["test_acc"] == whole.data.metrics["test_acc"]
-    assert resumed.data.metrics["test_loss"] == whole.data.metrics["test_loss"]
+                          for key in ("train_loss", "val_loss", "val_acc", "lr")})  # fmt: skip
+    assert histories[0] == histories[1]
+    assert len(histories[0]["val_acc"]) == whole.data.metrics["stopped_epoch"] < 25  # stopped early ...
+    assert whole.data.metrics["best_epoch"] < whole.data.metrics["stopped_epoch"]  # ... and tested an earlier epoch
+    for key in ("test_acc", "test_loss", "best_epoch", "stopped_epoch"):
+        assert resumed.data.metrics[key] == whole.data.metrics[key], key
     assert not any(checkpoints.glob("*.pt"))  # removed once the run finished
 
 

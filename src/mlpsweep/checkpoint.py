@@ -1,7 +1,8 @@
 """Config hashes and epoch checkpoints: what `resume=true` needs to skip or continue a job.
 
-A checkpoint holds everything the next epoch depends on (model, optimizer, the batch-order
-generator and the global RNGs), the history so far, the MLflow run to continue and the config
+A checkpoint holds everything the next epoch depends on (model, optimizer, learning-rate
+schedule, the batch-order generator and the global RNGs, the best epoch's weights where early
+stopping restores them), the history so far, the MLflow run to continue and the config
 (as YAML, for people to read), so a job killed mid-run continues exactly where its last
 finished epoch left it.
 
@@ -31,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mlpsweep.engine import EpochMetrics
+from mlpsweep.schedulers import Schedule
 
 # keys that cannot change what a run computes: where things go, how it is shown, threads, resume itself
 NOT_HASHED = ("tracking", "resume", "data.root", "data.download", "trainer.progress_bar", "trainer.num_threads",
@@ -64,6 +66,7 @@ class Resumed:
 
     run_id: str
     history: list[EpochMetrics]
+    best_model: dict[str, torch.Tensor] | None = None  # the best epoch's weights, where they were kept
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     history: list[EpochMetrics],
+    schedule: Schedule | None = None,
+    best_model: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the state after the last epoch of `history`, atomically (a kill never leaves half a file)."""
     state: dict[str, Any] = {
@@ -114,6 +119,8 @@ def save_checkpoint(
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": _rng_states(generator),
+        "scheduler": schedule.state_dict() if schedule is not None else None,
+        "best_model": best_model,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")  # one writer per file
@@ -127,6 +134,7 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
+    schedule: Schedule | None = None,
 ) -> Resumed:
     """Restore `identity`'s checkpoint at `path` into the given objects and the global RNGs.
 
@@ -142,13 +150,16 @@ def load_checkpoint(
     try:  # on copies and scratch RNGs: whatever a malformed (but safely loaded) file makes them raise
         if not isinstance(state["run_id"], str):
             raise TypeError(f"run_id is {type(state['run_id']).__name__}, not str")
-        resumed = Resumed(run_id=state["run_id"], history=[EpochMetrics(**m) for m in state["history"]])
-        _check_fits(state["model"], state["optimizer"], model, optimizer)
+        history = [EpochMetrics(**m) for m in state["history"]]
+        resumed = Resumed(run_id=state["run_id"], history=history, best_model=state.get("best_model"))
+        _check_fits(state, model, optimizer, schedule)
         rng = _decode_rng_states(state["rng"], generator.device)
     except Exception as err:
         raise CheckpointError(f"{path}: malformed, or not for this model and optimizer ({_reason(err)})") from err
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if schedule is not None:
+        schedule.load_state_dict(state.get("scheduler"))
     _restore_rng_states(rng, generator)
     return resumed
 
@@ -179,13 +190,18 @@ def _reason(err: Exception) -> str:
 
 
 def _check_fits(
-    model_state: dict[str, Any], optimizer_state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule | None
 ) -> None:
-    """Load both states into copies of the model and optimizer (keys and shapes must match), and check
-    that the optimizer's per-parameter tensors (momentum, Adam's moments) have their parameter's shape."""
-    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
-    model_copy.load_state_dict(model_state)
-    optimizer_copy.load_state_dict(optimizer_state)
+    """Load the checkpoint's states into copies of the model (also its best weights, if any),
+    optimizer and schedule (keys and shapes must match), and check that the optimizer's
+    per-parameter tensors (momentum, Adam's moments) have their parameter's shape."""
+    model_copy, optimizer_copy, schedule_copy = copy.deepcopy((model, optimizer, schedule))
+    model_copy.load_state_dict(state["model"])
+    if state.get("best_model") is not None:
+        model_copy.load_state_dict(state["best_model"])
+    optimizer_copy.load_state_dict(state["optimizer"])
+    if schedule_copy is not None:
+        schedule_copy.load_state_dict(state.get("scheduler"))
     for param, param_state in optimizer_copy.state.items():
         for name, value in param_state.items():
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != param.shape:

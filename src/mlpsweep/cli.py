@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import torch
@@ -31,6 +32,7 @@ from mlpsweep.checkpoint import (
 from mlpsweep.checks import INPUT_ERRORS, check_inputs
 from mlpsweep.config import CONFIG_DIR, check_group_overrides, launch_dir
 from mlpsweep.data import DataSplits, dataset_digest, load_splits
+from mlpsweep.early_stopping import BestWeights, EarlyStopping
 from mlpsweep.engine import (
     EpochMetrics,
     build_optimizer,
@@ -43,6 +45,7 @@ from mlpsweep.engine import (
 )
 from mlpsweep.model import build_model, count_parameters
 from mlpsweep.probe import ActivationProbe
+from mlpsweep.schedulers import Schedule, build_schedule
 from mlpsweep.steps import step_kind
 from mlpsweep.sweep import close_sweep, current_session, in_launcher_process, multirun_started, resume_command
 
@@ -73,14 +76,16 @@ def train(cfg: DictConfig) -> float:
 
     data = load_splits(cfg.data, device)
 
-    def fresh_state() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Generator]:
-        """The model, optimizer and batch-order generator a job of this seed starts from."""
+    def fresh_state() -> tuple[torch.nn.Module, torch.optim.Optimizer, Schedule, torch.Generator]:
+        """The model, optimizer, learning-rate schedule and batch-order generator a job of this seed starts from."""
         seed_everything(cfg.seed)
         model = build_model(cfg, data.num_features, data.num_classes).to(device)
         optimizer = build_optimizer(cfg.optimizer, model.parameters())
-        return model, optimizer, torch.Generator(device=device).manual_seed(cfg.seed)
+        steps_per_epoch = len(data.train) // cfg.trainer.batch_size
+        schedule = build_schedule(cfg.scheduler, optimizer, cfg.trainer.max_epochs, steps_per_epoch)
+        return model, optimizer, schedule, torch.Generator(device=device).manual_seed(cfg.seed)
 
-    model, optimizer, generator = fresh_state()
+    model, optimizer, schedule, generator = fresh_state()
     num_params = count_parameters(model)
     identity = CheckpointIdentity(
         tracking_uri=tracking.resolve_tracking_uri(cfg.tracking.uri),
@@ -90,25 +95,29 @@ def train(cfg: DictConfig) -> float:
         sweep=tracking.parent_run_id() or "",
     )
     checkpoint = checkpoint_path(launch_dir() / cfg.trainer.checkpoint_dir, identity)
-    resume_run_id, history = None, []
+    resumed = None
     if cfg.resume:
-        if resumed := resume_from(checkpoint, identity, cfg, model, optimizer, generator):
-            resume_run_id, history = resumed.run_id, resumed.history
-        else:
-            model, optimizer, generator = fresh_state()  # undo what a checkpoint that is not continued restored
+        if not (resumed := resume_from(checkpoint, identity, cfg, model, optimizer, schedule, generator)):
+            model, optimizer, schedule, generator = fresh_state()  # undo what a checkpoint that is not continued restored
             if unfinished := tracking.unfinished_run(cfg, cfg_hash):  # stopped before its first checkpoint
-                resume_run_id = unfinished.info.run_id
-                log.info(f"resume: run {resume_run_id} has no checkpoint; it starts again from epoch 0")
+                resumed = Resumed(unfinished.info.run_id, history=[])
+                log.info(f"resume: run {resumed.run_id} has no checkpoint; it starts again from epoch 0")
     title = tracking.run_name(cfg)
     log.info(f"{title} on {device} ({torch.get_num_threads()} CPU threads), {num_params:,} parameters:\n{model}")
     probe = ActivationProbe(
-        model, data.test.x[: cfg.probe.num_samples], cfg.activation.name, cfg.probe.saturation_margin, cfg.probe.bins
+        model,
+        data.test.x[: cfg.probe.num_samples],
+        cfg.activation.name,
+        cfg.probe.saturation_margin,
+        cfg.probe.bins,
+        y=data.test.y[: cfg.probe.num_samples],
     )
 
     train_step = step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision)
     try:
-        with tracking.job_run(cfg, num_params, train_step, cfg_hash, resume_run_id) as run:
-            history = train_in_run(cfg, run.info.run_id, model, optimizer, generator, data, probe, checkpoint, identity, history)
+        with tracking.job_run(cfg, num_params, train_step, cfg_hash, resumed.run_id if resumed else None) as run:
+            state = TrainingState(model, optimizer, schedule, generator)
+            history = train_in_run(cfg, run.info.run_id, state, data, probe, checkpoint, identity, resumed)
     except Exception:
         checkpoint.unlink(missing_ok=True)  # a failed run is rerun from scratch; interrupts and outages keep it
         raise
@@ -116,21 +125,37 @@ def train(cfg: DictConfig) -> float:
     return max(m.val_acc for m in history)
 
 
+class TrainingState(NamedTuple):
+    """What a job trains and what its checkpoints restore."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    generator: torch.Generator
+
+
 def train_in_run(
     cfg: DictConfig,
     run_id: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
+    state: TrainingState,
     data: DataSplits,
     probe: ActivationProbe,
     checkpoint: Path,
     identity: CheckpointIdentity,
-    history: list[EpochMetrics],
+    resumed: Resumed | None,
 ) -> list[EpochMetrics]:
-    """Inside the job's active MLflow run: train the epochs that `history` lacks (checkpoint and
-    metrics after each), then test and log the figures, the probe and the model."""
+    """Inside the job's active MLflow run: train the epochs that the `resumed` history lacks
+    (checkpoint and metrics after each), then test (the best epoch's weights where early stopping
+    restores them) and log the figures, the probe and the model."""
     title = tracking.run_name(cfg)
+    model, optimizer, schedule, generator = state
+    stopping = EarlyStopping.from_config(cfg.trainer.early_stopping)
+    best = BestWeights(stopping)
+    history = resumed.history if resumed else []
+    if resumed and history:
+        best.state = resumed.best_model
+        if best.state is None and stopping.best_epoch(history) == history[-1].epoch:
+            best.update(history, model)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
@@ -141,14 +166,22 @@ def train_in_run(
             probe_log(0)  # the distributions at initialisation
 
         def on_epoch_end(history: list[EpochMetrics]) -> None:
-            save_checkpoint(checkpoint, identity, run_id, cfg, model, optimizer, generator, history)
+            if stopping.enabled and stopping.restore_best:
+                best.update(history, model)
+            save_checkpoint(checkpoint, identity, run_id, cfg, model, optimizer, generator, history, schedule, best.state)
             metrics = history[-1]
-            log.info(metrics.log_line())
+            log.info(metrics.log_line() + (f" lr {metrics.lr:.4g}" if cfg.scheduler.name != "none" else ""))
             tracking.log_epoch(metrics)
             if probe_log:
-                probe_log(metrics.epoch)
+                probe_log(metrics.epoch, final=stopping.should_stop(history))
 
-        history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history=history)
+        history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history, schedule)
+        if stopping.enabled:
+            best_epoch = stopping.best_epoch(history)
+            tracking.log_stopping(best_epoch, stopped_epoch=history[-1].epoch)
+            if stopping.restore_best and best_epoch != history[-1].epoch:
+                best.restore(model)
+                log.info(f"early stopping: testing the weights of epoch {best_epoch}, the best {stopping.monitor}")
         test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size, cfg.trainer.precision)
         log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
         tracking.log_test(test_loss, test_acc)
@@ -169,6 +202,7 @@ def resume_from(
     cfg: DictConfig,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
     generator: torch.Generator,
 ) -> Resumed | None:
     """Restore `checkpoint` into the job's state if it is this job's and its run can be continued
@@ -176,7 +210,7 @@ def resume_from(
     if not checkpoint.is_file():
         return None
     try:
-        resumed = load_checkpoint(checkpoint, identity, model, optimizer, generator)
+        resumed = load_checkpoint(checkpoint, identity, model, optimizer, generator, schedule)
     except CheckpointError as err:
         log.warning(f"resume: {err}; starting from epoch 0")
         return None

@@ -29,6 +29,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # trainer.precision: fp32, or bf16 autocast
 PRECISIONS = ("fp32", "bf16")
+# the validation metrics a plateau schedule or early stopping can watch, and which way is better
+MONITORS = {"val_loss": "min", "val_acc": "max"}
+# init.bias: zeros, or PyTorch's default uniform
+BIAS_INITS = ("zeros", "default")
 
 
 class ConfigError(ValueError):
@@ -86,6 +90,7 @@ NON_NEGATIVE_INT = Rule(lambda v: _is_int(v) and v >= 0, "a non-negative integer
 POSITIVE = Rule(lambda v: _is_number(v) and v > 0, "a positive number")
 NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, "a non-negative number")
 FRACTION = Rule(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+UNIT_INTERVAL_OPEN = Rule(lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
 SEED = Rule(lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")  # NumPy's seeds are 32-bit
 
 RULES: dict[str, Rule] = {
@@ -111,6 +116,20 @@ RULES: dict[str, Rule] = {
         "two numbers in [0, 1)",
         optional=True,
     ),
+    "scheduler.step_size": optional(POSITIVE_INT),
+    "scheduler.gamma": optional(POSITIVE),
+    "scheduler.min_lr": optional(NON_NEGATIVE),
+    "scheduler.warmup_epochs": optional(NON_NEGATIVE_INT),
+    "scheduler.warmup_start_factor": optional(Rule(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")),
+    "scheduler.max_lr": optional(POSITIVE),
+    "scheduler.pct_start": optional(UNIT_INTERVAL_OPEN),
+    "scheduler.div_factor": optional(POSITIVE),
+    "scheduler.final_div_factor": optional(POSITIVE),
+    "scheduler.anneal_strategy": optional(Rule(lambda v: v in ("cos", "linear"), "one of cos, linear")),
+    "scheduler.monitor": optional(Rule(lambda v: v in MONITORS, f"one of {', '.join(MONITORS)}")),
+    "scheduler.factor": optional(UNIT_INTERVAL_OPEN),
+    "scheduler.patience": optional(NON_NEGATIVE_INT),
+    "scheduler.threshold": optional(NON_NEGATIVE),
     "data.root": NAME,
     "data.download": BOOL,
     "data.normalize": BOOL,
@@ -130,6 +149,10 @@ RULES: dict[str, Rule] = {
     "trainer.fast_step": BOOL,
     "trainer.precision": Rule(lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "trainer.deterministic": BOOL,
+    "trainer.early_stopping.monitor": Rule(lambda v: v in MONITORS, f"one of {', '.join(MONITORS)}"),
+    "trainer.early_stopping.patience": replace(POSITIVE_INT_OR_NULL, allowed="null (off) or a positive integer"),
+    "trainer.early_stopping.min_delta": NON_NEGATIVE,
+    "trainer.early_stopping.restore_best": BOOL,
     "tracking.uri": Rule(lambda v: v is None or isinstance(v, str), "null or a string"),
     "tracking.experiment": NAME,
     "tracking.sweep_name": NAME_OR_NULL,
@@ -137,6 +160,7 @@ RULES: dict[str, Rule] = {
     "tracking.http_retries": NON_NEGATIVE_INT,
     "tracking.http_timeout_s": POSITIVE_INT,  # MLflow reads MLFLOW_HTTP_REQUEST_TIMEOUT as an integer
     "tracking.sqlite_busy_timeout_s": POSITIVE,
+    "init.bias": Rule(lambda v: v in BIAS_INITS, f"one of {', '.join(BIAS_INITS)}"),
     "model.bias": BOOL,
     "seed": SEED,
     "resume": BOOL,
@@ -165,10 +189,13 @@ def _named_options() -> dict[str, tuple[dict[str, Any], bool]]:
     whether the node's other keys are that entry's keyword arguments (as `lookup_option` passes them)."""
     from mlpsweep.data import DATASETS  # imported here: these modules import this one
     from mlpsweep.engine import OPTIMIZERS
-    from mlpsweep.model import ACTIVATIONS, NORMS
+    from mlpsweep.model import ACTIVATIONS, INITS, NORMS
+    from mlpsweep.schedulers import SCHEDULERS
 
     return {
         "activation": (ACTIVATIONS, True),
+        "init": (INITS, False),
+        "scheduler": (SCHEDULERS, False),
         "norm": (NORMS, True),
         "optimizer": (OPTIMIZERS, True),
         "data": (DATASETS, False),
@@ -210,6 +237,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if _get(values, "optimizer.nesterov") is True and not (_is_number(momentum) and momentum > 0):
         allowed = "false unless optimizer.momentum > 0 (Nesterov needs momentum)"
         found.append(problem("optimizer.nesterov", True, allowed))
+    warmup, max_epochs = _get(values, "scheduler.warmup_epochs"), _get(values, "trainer.max_epochs")
+    if _is_int(warmup) and _is_int(max_epochs) and warmup >= max_epochs > 0:
+        found.append(problem("scheduler.warmup_epochs", warmup, f"fewer than trainer.max_epochs ({max_epochs})"))
     return found
 
 

@@ -28,6 +28,8 @@ from tqdm import tqdm
 from mlpsweep import interrupt
 from mlpsweep.config import ConfigError, lookup_option
 from mlpsweep.data import DataSplits, Split
+from mlpsweep.early_stopping import EarlyStopping
+from mlpsweep.schedulers import Schedule, current_lr
 from mlpsweep.steps import TrainStep, autocast, train_step
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,13 @@ class EpochMetrics:
     val_loss: float
     val_acc: float
     epoch_time_s: float
+    lr: float | None = None  # the learning rate the epoch started with (None: not recorded, older checkpoints)
 
     def metrics(self) -> dict[str, float]:
         """Everything but the epoch number, keyed by MLflow metric name."""
         values = asdict(self)
         del values["epoch"]
-        return values
+        return {key: value for key, value in values.items() if value is not None}
 
     def log_line(self) -> str:
         """The lecture's per-epoch line."""
@@ -164,6 +167,7 @@ def train_one_epoch(
     generator: torch.Generator,
     epoch: int = 1,
     progress: tqdm | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One pass of `step` over a fresh permutation of `split`, dropping the last partial batch.
 
@@ -172,7 +176,8 @@ def train_one_epoch(
     issues as few kernel launches as it can and, on a GPU, no host synchronisation (the losses
     are checked for NaN/inf at the epoch's end). On the CPU, where a look costs nothing, they are
     checked every DIVERGENCE_CHECK_EVERY steps, so a diverged run stops early. A requested stop
-    (`mlpsweep.interrupt`) raises Interrupted before the next step.
+    (`mlpsweep.interrupt`) raises Interrupted before the next step. `after_step` runs after every
+    step (a per-step learning-rate schedule).
     Returns the per-step losses (on the device) and the training accuracy.
     """
     model.train()
@@ -187,6 +192,8 @@ def train_one_epoch(
         loss, logits = step(xs[start : start + batch_size], ys[start : start + batch_size])
         losses[i].copy_(loss)
         torch.argmax(logits, dim=1, out=predictions[start : start + batch_size])
+        if after_step is not None:
+            after_step()
         if progress is not None:
             progress.update()
         done = i + 1
@@ -205,13 +212,23 @@ def check_finite(step_losses: torch.Tensor, epoch: int, first_step: int) -> None
 
 
 def fit_epoch(
-    model: nn.Module, step: TrainStep, data: DataSplits, cfg: DictConfig, generator: torch.Generator, epoch: int
+    model: nn.Module,
+    step: TrainStep,
+    data: DataSplits,
+    cfg: DictConfig,
+    generator: torch.Generator,
+    epoch: int,
+    lr: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochMetrics:
-    """Train one epoch with `step` and validate (`cfg` is the `trainer` node)."""
+    """Train one epoch with `step` and validate (`cfg` is the `trainer` node; `lr` the rate the
+    epoch starts with, for the record)."""
     show_bar = sys.stderr.isatty() if cfg.progress_bar == "auto" else bool(cfg.progress_bar)
     start = time.perf_counter()
     with tqdm(total=len(data.train) // cfg.batch_size, desc=f"epoch {epoch}", leave=False, disable=not show_bar) as bar:
-        step_losses, train_acc = train_one_epoch(model, step, data.train, cfg.batch_size, generator, epoch, bar)
+        step_losses, train_acc = train_one_epoch(
+            model, step, data.train, cfg.batch_size, generator, epoch, bar, after_step
+        )
     val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size, cfg.precision)
     return EpochMetrics(
         epoch=epoch,
@@ -220,6 +237,7 @@ def fit_epoch(
         val_loss=val_loss,
         val_acc=val_acc,
         epoch_time_s=time.perf_counter() - start,
+        lr=lr,
     )
 
 
@@ -231,15 +249,25 @@ def fit(
     generator: torch.Generator,
     on_epoch_end: Callable[[list[EpochMetrics]], None] | None = None,
     history: Sequence[EpochMetrics] = (),
+    schedule: Schedule | None = None,
 ) -> list[EpochMetrics]:
-    """Train up to `cfg.max_epochs` epochs (`cfg` is the `trainer` node), validating after each
-    and calling `on_epoch_end` with the history so far; a resumed job passes the `history` of the
-    epochs it already has."""
+    """Train up to `cfg.max_epochs` epochs (`cfg` is the `trainer` node), validating after each,
+    stepping the learning-rate `schedule` and calling `on_epoch_end` with the history so far; stop
+    early where `cfg.early_stopping` says so. A resumed job passes the `history` of the epochs it
+    already has (and a schedule restored to that point)."""
     history = list(history)
+    stopping = EarlyStopping.from_config(cfg.early_stopping)
+    schedule = schedule or Schedule(None, per_step=False)
     kind, step = train_step(model, optimizer, cfg.batch_size, data.num_features, cfg.fast_step, cfg.precision)
     log.info(f"training step: {kind}, precision {cfg.precision}")
-    for epoch in range(len(history) + 1, cfg.max_epochs + 1):
-        history.append(fit_epoch(model, step, data, cfg, generator, epoch))
+    after_step = schedule.after_step if schedule.per_step else None
+    while len(history) < cfg.max_epochs and not stopping.should_stop(history):
+        epoch = len(history) + 1
+        metrics = fit_epoch(model, step, data, cfg, generator, epoch, current_lr(optimizer), after_step)
+        history.append(metrics)
+        schedule.after_epoch(metrics.metrics())
         if on_epoch_end is not None:
             on_epoch_end(history)
+    if stopping.should_stop(history):
+        log.info(stopping.reason(history))
     return history

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mlpsweep.engine import EpochMetrics  # noqa: E402
@@ -62,7 +63,8 @@ def probe_grid(snapshot: Snapshot, title: str) -> Figure:
         for stage in ("linear", "norm"):
             if stage in layer.histograms:
                 draw_histogram(row[0], *layer.histograms[stage], label=f"{stage} output", color=STAGE_COLORS[stage])
-        row[0].set(title=f"{name}: pre-activation", ylabel="count")
+        grad = f" (|dL/dW| {layer.stats['grad_norm']:.2g})" if "grad_norm" in layer.stats else ""
+        row[0].set(title=f"{name}: pre-activation{grad}", ylabel="count")
         row[0].legend(fontsize=8)
         draw_histogram(row[1], *layer.histograms["act"], label="activation output", color=STAGE_COLORS["act"])
         health = {k: v for k, v in layer.stats.items() if k.endswith("_frac")}
@@ -70,6 +72,31 @@ def probe_grid(snapshot: Snapshot, title: str) -> Figure:
         row[2].scatter(layer.sample_pre, layer.sample_post, s=4, alpha=0.6, color="tab:purple")
         row[2].set(title=f"{name}: pre vs post, one image", xlabel="activation input", ylabel="activation output")
     fig.suptitle(f"{title}, epoch {snapshot.epoch}")
+    return fig
+
+
+def gradient_norms(norms: dict[int, dict[str, float]], title: str) -> Figure:
+    """The probe's weight-gradient norm of every hidden layer: over the epochs (one line per layer)
+    and across the layers (input to output) at the first and the last epoch. A log scale, so that
+    gradients vanishing towards the input read as a slope."""
+    epochs = sorted(norms)
+    layers = list(norms[epochs[0]])
+    fig, (time_ax, depth_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(layers)))
+    for layer, color in zip(layers, colors):
+        time_ax.plot(epochs, [norms[e].get(layer, np.nan) for e in epochs], "o-", color=color, label=layer, ms=3)
+    time_ax.set(xlabel="epoch", ylabel="||dL/dW||", yscale="log", title="weight-gradient norm per layer")
+    time_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(loc="outside right upper", fontsize=8)
+    positions = range(1, len(layers) + 1)
+    for epoch, style in ((epochs[0], "o--"), (epochs[-1], "o-")):
+        depth_ax.plot(positions, [norms[epoch].get(layer, np.nan) for layer in layers], style, label=f"epoch {epoch}")
+    depth_ax.set(xlabel="hidden layer (1 = next to the input)", ylabel="||dL/dW||", yscale="log", xticks=list(positions))
+    depth_ax.set_title("from the input to the head")
+    depth_ax.legend(fontsize=8)
+    for ax in (time_ax, depth_ax):
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
     return fig
 
 

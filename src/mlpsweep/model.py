@@ -4,14 +4,18 @@ A model is a stack of hidden blocks, Linear -> Norm -> Activation -> Dropout (th
 order; Norm and Dropout only where configured), followed by a Linear head to the classes:
 
     Sequential(hidden1=Sequential(linear, norm, act, dropout), hidden2=..., head=Linear)
+
+Its Linear weights start as the `init` group says: PyTorch's default, or a named scheme scaled by
+the gain of the block's activation (the head: the linear gain, 1).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 
 from mlpsweep.config import lookup_option
 
@@ -28,6 +32,27 @@ NORMS: dict[str, type[nn.Module] | None] = {
     "none": None,
     "batchnorm": nn.BatchNorm1d,
     "layernorm": nn.LayerNorm,
+}
+
+# weight initialisation schemes: (weight, nonlinearity, negative slope) -> None; `default` keeps PyTorch's
+INITS: dict[str, Callable[[Tensor, str, float], object] | None] = {
+    "default": None,
+    "xavier_uniform": lambda w, nl, a: nn.init.xavier_uniform_(w, gain=nn.init.calculate_gain(nl, a)),
+    "xavier_normal": lambda w, nl, a: nn.init.xavier_normal_(w, gain=nn.init.calculate_gain(nl, a)),
+    "kaiming_uniform": lambda w, nl, a: nn.init.kaiming_uniform_(w, a=a, nonlinearity=nl),
+    "kaiming_normal": lambda w, nl, a: nn.init.kaiming_normal_(w, a=a, nonlinearity=nl),
+    "orthogonal": lambda w, nl, a: nn.init.orthogonal_(w, gain=nn.init.calculate_gain(nl, a)),
+}
+# the gain each activation's weights are scaled for (torch.nn.init.calculate_gain's names); the
+# smooth ReLU-likes take ReLU's, as is common practice
+GAIN_NONLINEARITY = {
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "relu": "relu",
+    "leaky_relu": "leaky_relu",
+    "elu": "relu",
+    "gelu": "relu",
+    "silu": "relu",
 }
 
 
@@ -52,7 +77,24 @@ def build_model(cfg: DictConfig, in_features: int, num_classes: int) -> nn.Seque
         layers[f"hidden{i}"] = hidden_block(width_in, width, cfg)
         width_in = width
     layers["head"] = nn.Linear(width_in, num_classes, bias=cfg.model.bias)
-    return nn.Sequential(layers)
+    model = nn.Sequential(layers)
+    initialize(model, cfg)
+    return model
+
+
+def initialize(model: nn.Sequential, cfg: DictConfig) -> None:
+    """Initialise the Linear layers as `cfg.init` says: the weights by `init.name` (scaled by the
+    gain of the hidden blocks' activation; the head by the linear gain), the biases by `init.bias`."""
+    scheme = lookup_option(INITS, "init", cfg.init)[0]
+    slope = float(cfg.activation.get("negative_slope", 0.01)) if cfg.activation.name == "leaky_relu" else 0.0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if scheme is not None:
+            nonlinearity = "linear" if name == "head" else GAIN_NONLINEARITY[cfg.activation.name]
+            scheme(module.weight, nonlinearity, slope if nonlinearity == "leaky_relu" else 0.0)
+        if module.bias is not None and cfg.init.bias == "zeros":
+            nn.init.zeros_(module.bias)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,13 +10,23 @@ per-layer statistics and a health figure that fits the activation:
 
 and the fraction of non-finite (inf/NaN) values, which a diverging network produces long before
 its loss turns NaN. Statistics and histograms cover the finite values only.
+
+Given the probe images' labels, it also measures the gradients inside the network, outside the
+training step (which stays as fast as it is): the norm of each hidden block's weight gradient
+(`grad_norm`) and of the gradient reaching the block's input (`input_grad_norm`), of the mean
+cross-entropy over the probe set as the training step sees it: norms normalise with the batch's
+statistics (their running statistics are put back afterwards), dropout is off (no mask is drawn,
+so the training's random stream is untouched). Vanishing gradients show as these norms falling
+from the head towards the input.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SATURATING_BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
@@ -69,9 +79,18 @@ def _histogram(values: torch.Tensor, bins: int) -> tuple[list[float], list[int]]
 class ActivationProbe:
     """Captures the hidden blocks of a model built by `mlpsweep.model.build_model`."""
 
-    def __init__(self, model: nn.Sequential, x: torch.Tensor, activation: str, margin: float = 0.03, bins: int = 60):
+    def __init__(
+        self,
+        model: nn.Sequential,
+        x: torch.Tensor,
+        activation: str,
+        margin: float = 0.03,
+        bins: int = 60,
+        y: torch.Tensor | None = None,
+    ):
         self.model = model
         self.x = x
+        self.y = y
         self.activation = activation
         self.margin = margin
         self.bins = bins
@@ -97,9 +116,45 @@ class ActivationProbe:
             self.model.train(was_training)
         return outputs
 
+    def gradient_norms(self) -> dict[str, dict[str, float]]:
+        """Per hidden block: the norms of the loss's gradient with respect to its Linear weight
+        (`grad_norm`) and to its input (`input_grad_norm`), on the labelled probe set, the norms in
+        training mode and dropout off. The parameters' .grad and the model's buffers are left as
+        they were (the optimizer never sees these gradients)."""
+        inputs: dict[str, torch.Tensor] = {}
+        handles = [
+            block.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
+            for name, block in self.blocks.items()
+        ]
+        was_training = self.model.training
+        buffers = [(buffer, buffer.clone()) for buffer in self.model.buffers()]
+        self.model.train()
+        for module in self.model.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()
+        try:
+            with torch.enable_grad():
+                x = self.x.detach().float().requires_grad_(True)
+                loss = F.cross_entropy(self.model(x), self.y)
+                weights = [block.linear.weight for block in self.blocks.values()]
+                grads = torch.autograd.grad(loss, [*weights, *(inputs[name] for name in self.blocks)])
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.model.train(was_training)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+        count = len(self.blocks)
+        return {
+            name: {"grad_norm": grads[i].norm().item(), "input_grad_norm": grads[count + i].norm().item()}
+            for i, name in enumerate(self.blocks)
+        }
+
     def snapshot(self, epoch: int, with_histograms: bool) -> Snapshot:
         """Statistics of every hidden block (and histograms when asked) at `epoch`."""
         snapshot = Snapshot(epoch)
+        gradients = self.gradient_norms() if self.y is not None else {}
         for name, stages in self._capture().items():
             pre = stages.get("norm", stages["linear"])  # what enters the activation
             post = stages["act"]
@@ -118,6 +173,7 @@ class ActivationProbe:
                 stats["saturated_frac"] = saturated.float().mean().item()
             elif self.activation in RELU_LIKE:
                 stats["dead_frac"] = (pre <= 0).all(dim=0).float().mean().item()
+            stats.update({key: value for key, value in gradients.get(name, {}).items() if math.isfinite(value)})
             histograms = {stage: _histogram(values, self.bins) for stage, values in stages.items()} if with_histograms else {}
             snapshot.layers[name] = LayerSnapshot(
                 stats=stats,

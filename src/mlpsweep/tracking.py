@@ -145,19 +145,23 @@ def flatten(node: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def axes(cfg: DictConfig) -> dict[str, str]:
-    """The four ablation axes under their short names."""
+    """The ablation axes under their short names."""
     return {
         "activation": cfg.activation.name,
         "norm": cfg.norm.name,
         "dropout": f"{cfg.dropout.p:g}",
         "depth": "x".join(str(w) for w in cfg.depth.widths),
+        "init": cfg.init.name,
+        "scheduler": cfg.scheduler.name,
     }
 
 
 def run_name(cfg: DictConfig) -> str:
-    """A readable run name, e.g. relu-batchnorm-p0.2-1024x300-s0."""
+    """A readable run name, e.g. relu-batchnorm-p0.2-1024x300-s0; an init and a scheduler other than
+    the defaults join it, e.g. relu-none-p0-256x256-xavier_uniform-cosine-s1."""
     a = axes(cfg)
-    return f"{a['activation']}-{a['norm']}-p{a['dropout']}-{a['depth']}-s{cfg.seed}"
+    extra = [a[axis] for axis, default in (("init", "default"), ("scheduler", "none")) if a[axis] != default]
+    return "-".join([a["activation"], a["norm"], f"p{a['dropout']}", a["depth"], *extra, f"s{cfg.seed}"])
 
 
 def parent_run_id() -> str | None:
@@ -215,6 +219,11 @@ def log_test(test_loss: float, test_acc: float) -> None:
     mlflow.log_metrics({"test_loss": test_loss, "test_acc": test_acc})
 
 
+def log_stopping(best_epoch: int, stopped_epoch: int) -> None:
+    """Where early stopping left a run: its best epoch, and the last epoch it trained."""
+    mlflow.log_metrics({"best_epoch": best_epoch, "stopped_epoch": stopped_epoch})
+
+
 def log_run_figures(history: Sequence[EpochMetrics], confusion: torch.Tensor, title: str) -> None:
     """Learning curves, and the test confusion matrix as a figure and as CSV counts."""
     counts = confusion.numpy()
@@ -241,13 +250,18 @@ class ProbeLog:
         self.workdir = workdir
         self.frames: list[Path] = []
         self.histograms: dict[int, dict[str, Any]] = {}
+        self.gradient_norms: dict[int, dict[str, float]] = {}  # epoch -> layer -> weight-gradient norm
         self.seconds = 0.0
 
-    def __call__(self, epoch: int) -> None:
+    def __call__(self, epoch: int, final: bool = False) -> None:
+        """Log the probe at `epoch`; a figure at the figure epochs and at a `final` one (early stopping)."""
         start = time.perf_counter()
-        with_figure = epoch in self.figure_epochs
+        with_figure = epoch in self.figure_epochs or final
         snapshot = self.probe.snapshot(epoch, with_histograms=with_figure)
         mlflow.log_metrics(snapshot.metrics(), step=epoch)
+        norms = {name: layer.stats["grad_norm"] for name, layer in snapshot.layers.items() if "grad_norm" in layer.stats}
+        if norms:
+            self.gradient_norms[epoch] = norms
         if with_figure:
             frame = self.workdir / f"epoch_{epoch:03d}.png"
             fig = figures.probe_grid(snapshot, self.title)
@@ -261,6 +275,8 @@ class ProbeLog:
     def finish(self, run_seconds: float) -> None:
         start = time.perf_counter()
         mlflow.log_dict(self.histograms, "probe/histograms.json")
+        if self.gradient_norms:
+            _log_figure(figures.gradient_norms(self.gradient_norms, self.title), "probe/gradient_norms.png")
         if len(self.frames) > 1:
             gif = self.workdir / "activations.gif"
             figures.save_gif(self.frames, gif)
