@@ -3,11 +3,13 @@
     python benchmarks/bench_engine.py                    # per-epoch timing, both lecture models
     python benchmarks/bench_engine.py --mode sweep       # the 6-run activation x norm sweep
     python benchmarks/bench_engine.py --mode accuracy    # test accuracy of both loops over seeds
+    python benchmarks/bench_engine.py --mode steps optimizer=sgd_momentum   # training steps/s: autograd vs fast step
     python benchmarks/bench_engine.py --device cuda      # the same on a GPU
 
 The classic loop is the lecture's: torchvision's MNIST with ToTensor() per image, a
 DataLoader of batch 32 (shuffle, drop_last), `.item()` on the loss every step. Both sides train
-the same architecture from the same initial weights with SGD lr 0.1 on the same 54000/6000 split.
+the same architecture from the same initial weights with the same optimizer (by default SGD lr 0.1;
+an override such as optimizer=sgd_momentum changes it for both) on the same 54000/6000 split.
 An "epoch" is one training pass plus one validation pass. Needs MNIST under $MNIST_ROOT.
 The two loops draw their validation splits and batch orders differently from the same seed; the
 accuracy mode compares them on the same 10000 test images over several seeds.
@@ -34,7 +36,15 @@ from torchvision import datasets, transforms
 
 from mlpsweep.config import CONFIG_DIR
 from mlpsweep.data import load_splits
-from mlpsweep.engine import EpochMetrics, build_optimizer, evaluate, fit_epoch, resolve_device, seed_everything
+from mlpsweep.engine import (
+    EpochMetrics,
+    build_optimizer,
+    evaluate,
+    fit_epoch,
+    resolve_device,
+    seed_everything,
+    train_one_epoch,
+)
 from mlpsweep.model import build_model
 from mlpsweep.stats import summarize, welch_difference
 from mlpsweep.steps import train_step
@@ -94,7 +104,7 @@ class ClassicRun:
         seed_everything(cfg.seed)
         self.device = device
         self.model = build_model(cfg, 784, 10).to(device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optimizer.lr)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.train, self.val = classic_loaders(cfg.data.root, cfg.seed)
         self.val_acc = 0.0
 
@@ -118,11 +128,12 @@ class EngineRun:
         self.cfg = cfg.trainer
         self.data = load_splits(cfg.data, device)
         self.model = build_model(cfg, self.data.num_features, self.data.num_classes).to(device)
-        optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.kind, self.step = train_step(
-            self.model, optimizer, self.cfg.batch_size, self.data.num_features, self.cfg.fast_step, self.cfg.precision
-        )
+            self.model, self.optimizer, self.cfg.batch_size, self.data.num_features, self.cfg.fast_step,
+            self.cfg.precision,
+        )  # fmt: skip
         self.history: list[EpochMetrics] = []
 
     @property
@@ -134,6 +145,13 @@ class EngineRun:
         epoch = len(self.history) + 1
         self.history.append(fit_epoch(self.model, self.step, self.data, self.cfg, self.generator, epoch))
         return self.history[-1].epoch_time_s
+
+    def train_steps(self) -> float:
+        """One epoch of training steps alone (no validation); return its seconds."""
+        start = time.perf_counter()
+        losses, _ = train_one_epoch(self.model, self.step, self.data.train, self.cfg.batch_size, self.generator)
+        losses.sum().item()  # wait for the device
+        return time.perf_counter() - start
 
 
 def engine_variants(device: torch.device) -> dict[str, list[str]]:
@@ -163,6 +181,30 @@ def epoch_mode(args: argparse.Namespace, device: torch.device) -> None:
             median = medians[loop]
             speedup = medians["classic DataLoader"] / median
             print(f"| {name} | {loop} | {kind} | {median:.3f} | {54000 / median:,.0f} | {run.val_acc:.4f} | {speedup:.1f}x |", flush=True)
+
+
+def steps_mode(args: argparse.Namespace, device: torch.device) -> None:
+    """Training steps alone, per model: the engine's autograd step and its fast step take turns, one
+    epoch of steps each (54000 // 32 steps); steps per second from the median epoch after a warm-up
+    epoch. Shows what the fast step gains for the configured optimizer, e.g. optimizer=sgd_momentum."""
+    print(f"| model | optimizer | autograd steps/s | fast step | fast steps/s | gain (median of {args.epochs}) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, overrides in MODELS.items():
+        base = overrides + [f"trainer.device={device}", "trainer.progress_bar=false", *args.override]
+        autograd = EngineRun(compose_cfg(base + ["trainer.fast_step=false"]), device)
+        fast = EngineRun(compose_cfg(base), device)
+        times: dict[str, list[float]] = {"autograd": [], "fast": []}
+        for _ in range(args.epochs + 1):
+            times["autograd"].append(autograd.train_steps())
+            times["fast"].append(fast.train_steps())
+        steps = len(fast.data.train) // fast.cfg.batch_size
+        rate = {loop: steps / statistics.median(t[1:]) for loop, t in times.items()}
+        settings = ("lr", "momentum", "nesterov", "weight_decay", "betas")
+        optimizer = f"{type(fast.optimizer).__name__} " + ", ".join(
+            f"{k}={v}" for k, v in fast.optimizer.defaults.items() if k in settings
+        )
+        print(f"| {name} | {optimizer} | {rate['autograd']:,.0f} | {fast.kind} | {rate['fast']:,.0f} | "
+              f"{rate['fast'] / rate['autograd']:.2f}x |", flush=True)  # fmt: skip
 
 
 def accuracy_mode(args: argparse.Namespace, device: torch.device) -> None:
@@ -217,9 +259,9 @@ def sweep_mode(args: argparse.Namespace, device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("epoch", "sweep", "accuracy"), default="epoch")
+    parser.add_argument("--mode", choices=("epoch", "sweep", "accuracy", "steps"), default="epoch")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (epoch mode: after one warm-up epoch)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (epoch, steps: after one warm-up epoch)")
     parser.add_argument("--threads", type=int, help="torch CPU threads for both loops (default: all cores)")
     parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2, 3, 4], help="accuracy mode")
     parser.add_argument("override", nargs="*", help="extra config overrides for the engine, e.g. trainer.num_threads=1")
@@ -231,7 +273,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores\n")
-    {"epoch": epoch_mode, "sweep": sweep_mode, "accuracy": accuracy_mode}[args.mode](args, device)
+    {"epoch": epoch_mode, "sweep": sweep_mode, "accuracy": accuracy_mode, "steps": steps_mode}[args.mode](args, device)
 
 
 if __name__ == "__main__":

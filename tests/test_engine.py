@@ -101,10 +101,13 @@ def test_divergence_stops_training_with_where_it_happened(tiny_cfg: Callable[...
         (["norm=batchnorm", "activation=sigmoid", "model.bias=false", "depth.widths=[48]"], "backprop"),
         (["dropout=lecture", "depth.widths=[64,32]"], "backprop"),  # the lecture's MLP_Dropout
         (["norm=batchnorm", "dropout=heavy", "activation=tanh", "depth.widths=[64,32]"], "backprop"),
-        (["norm=batchnorm", "dropout=lecture", "depth.widths=[64,32]", "optimizer=sgd_momentum"], "autograd"),
+        (["norm=batchnorm", "dropout=lecture", "depth.widths=[64,32]", "optimizer=sgd_momentum"], "backprop"),
+        (["activation=sigmoid", "depth.widths=[64,32]", "optimizer=sgd_momentum", "optimizer.nesterov=true",
+          "optimizer.weight_decay=0.001"], "backprop"),
+        (["norm=batchnorm", "depth.widths=[64,32]", "optimizer=adam"], "autograd"),
     ],
     ids=["relu", "sigmoid", "tanh-nobias", "leaky_relu-3", "bn-relu", "bn-sigmoid-nobias", "dropout", "bn-dropout-tanh",
-         "bn-dropout-momentum"],
+         "bn-dropout-momentum", "sigmoid-nesterov-decay", "bn-adam"],
 )
 def test_fast_epoch_computes_what_a_plain_step_by_step_loop_computes(
     tiny_cfg: Callable[..., DictConfig], overrides: list[str], kind: str

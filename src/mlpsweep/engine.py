@@ -5,7 +5,7 @@ permutation and slices mini-batches out of it (no Dataset/DataLoader on the hot 
 Losses and correct counts stay on the device during an epoch and are read once at its end,
 so a CUDA epoch has no host synchronisation inside it. The step itself is the fastest of
 `mlpsweep.steps` that applies (a CUDA graph on a GPU, hand-derived backprop for an MLP trained
-by plain SGD on a CPU, else autograd), all computing the same update.
+by SGD on a CPU, else autograd), all computing the same update.
 """
 
 from __future__ import annotations

@@ -8,9 +8,6 @@ rate is a tensor (as a CUDA graph step keeps it), so every training step reads t
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,15 +30,13 @@ class Schedule:
         self.monitor = monitor
 
     def after_step(self) -> None:
-        with _steps_outside_optimizer():
-            self.scheduler.step()
+        self.scheduler.step()
 
     def after_epoch(self, validation: dict[str, float]) -> None:
-        with _steps_outside_optimizer():
-            if isinstance(self.scheduler, lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(validation[self.monitor])
-            elif self.scheduler is not None and not self.per_step:
-                self.scheduler.step()
+        if isinstance(self.scheduler, lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(validation[self.monitor])
+        elif self.scheduler is not None and not self.per_step:
+            self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.scheduler.state_dict() if self.scheduler is not None else None
@@ -49,15 +44,6 @@ class Schedule:
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if self.scheduler is not None and state is not None:
             self.scheduler.load_state_dict(state)
-
-
-@contextlib.contextmanager
-def _steps_outside_optimizer() -> Iterator[None]:
-    """Silence torch's warning that the scheduler stepped before `optimizer.step()`: the CPU
-    backprop step updates the weights itself and never calls it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-        yield
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

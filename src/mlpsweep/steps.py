@@ -7,10 +7,15 @@ Three implementations of the same step; `train_step` picks the fastest that appl
 - `cuda_graph_step` (CUDA): the autograd step captured once in a CUDA graph and replayed, so a
   step costs one graph launch instead of dozens of kernel launches from Python.
 - `backprop_step` (CPU): for an MLP of Linear, BatchNorm1d, ReLU/LeakyReLU/sigmoid/tanh and
-  Dropout trained by plain SGD, the gradients written out and each weight updated in the matrix
-  product that computes its gradient. At batch 32 eager autograd spends much of a step on per-op
-  bookkeeping and on writing and reading gradient buffers; this does the same arithmetic with
-  about a third of the operator calls and no gradient buffers.
+  Dropout trained by SGD (with or without momentum, Nesterov and weight decay), the gradients
+  written out. At batch 32 eager autograd spends much of a step on per-op bookkeeping and on
+  writing and reading gradient buffers; this does the same arithmetic with about a third of the
+  operator calls. Plain SGD updates each weight in the matrix product that computes its gradient
+  (no gradient buffers); momentum and weight decay follow torch.optim.SGD's own update.
+
+Every step reads the optimizer's current learning rate, so a schedule (torch.optim.lr_scheduler)
+takes effect on the next step: the CUDA graph reads it from a device tensor in the parameter group
+(`lr_as_tensor`), which the schedulers update in place.
 
 A step takes a batch (x, y) and returns (loss, logits), both valid until the next step.
 """
@@ -89,6 +94,22 @@ def _restored_after(model: nn.Module, optimizer: torch.optim.Optimizer) -> Itera
                     value.zero_()
 
 
+def lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make each parameter group's learning rate a float32 tensor on `device`, its value kept, so
+    that a CUDA graph captured afterwards reads the current rate at every replay: the schedulers of
+    torch.optim.lr_scheduler write a tensor rate in place (`fill_`). SGD is switched to its fused
+    implementation, the one that reads a tensor rate on the device (its for-each and single-tensor
+    ones turn it into a Python number, which stops a capture); Adam and AdamW read it as a tensor
+    when capturable, which `graph_safe` requires. A rate restored from a checkpoint (a tensor on
+    the CPU, or a number) is moved back the same way."""
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if not (torch.is_tensor(lr) and lr.device == device and lr.dtype == torch.float32):
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        if isinstance(optimizer, torch.optim.SGD):
+            group["foreach"], group["fused"] = False, True
+
+
 def cuda_graph_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, num_features: int, precision: str = "fp32"
 ) -> TrainStep:
@@ -96,10 +117,13 @@ def cuda_graph_step(
     graphs notes). Each call copies the batch into the graph's static input and replays it.
 
     The warm-up steps the capture needs are undone, so training starts from the same weights and
-    optimizer state as it would without the graph. The learning rate is baked into the graph.
+    optimizer state as it would without the graph. The learning rate is a device tensor the graph
+    reads (`lr_as_tensor`), so a schedule's changes take effect at the next replay; the optimizer's
+    other settings (momentum, betas, weight decay) are baked into the graph and must not change.
     """
     device = next(model.parameters()).device
     model.train()  # the graph replays the mode it was captured in
+    lr_as_tensor(optimizer, device)
     static_x = torch.zeros(batch_size, num_features, device=device)
     static_y = torch.zeros(batch_size, dtype=torch.long, device=device)
     eager = autograd_step(model, optimizer, precision)
@@ -193,15 +217,31 @@ def backprop_layers(model: nn.Module) -> list[Layer] | None:
 
 def backprop_supported(model: nn.Module, optimizer: torch.optim.Optimizer, precision: str) -> bool:
     """Whether `backprop_step` computes what `autograd_step` would: a model `backprop_layers`
-    handles, on the CPU in fp32, trained by SGD (one parameter group) without momentum, weight
-    decay or maximize."""
+    handles, on the CPU in fp32, trained by SGD (one parameter group; momentum, dampening,
+    Nesterov and weight decay as torch.optim.SGD has them, but not maximize)."""
     if precision != "fp32" or next(model.parameters()).device.type != "cpu":
         return False
     if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
         return False
-    group = optimizer.param_groups[0]
-    plain_sgd = group["momentum"] == 0 and group["weight_decay"] == 0 and not group["maximize"]
-    return plain_sgd and backprop_layers(model) is not None
+    return not optimizer.param_groups[0]["maximize"] and backprop_layers(model) is not None
+
+
+def _sgd_update(param: Tensor, grad: Tensor, group: dict, state: dict) -> None:
+    """torch.optim.SGD's update of one parameter by the settings of its parameter `group`, given
+    a gradient this step owns (it may be overwritten): its single-tensor CPU code operation for
+    operation, the momentum buffer kept where it keeps it (`state`, the optimizer's state)."""
+    momentum, weight_decay = group["momentum"], group["weight_decay"]
+    if weight_decay != 0:
+        grad.add_(param, alpha=weight_decay)
+    if momentum != 0:
+        param_state = state[param]
+        buf = param_state.get("momentum_buffer")
+        if buf is None:  # the first step: the buffer starts as the gradient
+            buf = param_state["momentum_buffer"] = grad.clone()
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+        grad = grad.add_(buf, alpha=momentum) if group["nesterov"] else buf
+    param.add_(grad, alpha=-float(group["lr"]))
 
 
 def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int) -> TrainStep:
@@ -209,21 +249,26 @@ def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size
 
         z_l = a_{l-1} W_l^T + b_l, h_l = BN(z_l) or z_l, a_l = act(h_l) * m_l;  dL/dz_L = (softmax(z_L) - onehot(y)) / B
         dL/dh_l = dL/da_l * m_l * act'(h_l);  dL/dz_l, dL/dgamma_l, dL/dbeta_l: ATen's batch-norm backward
-        dL/da_{l-1} = dL/dz_l W_l;  W_l -= lr dL/dz_l^T a_{l-1};  b_l -= lr sum_batch dL/dz_l
+        dL/da_{l-1} = dL/dz_l W_l;  dL/dW_l = dL/dz_l^T a_{l-1};  dL/db_l = sum_batch dL/dz_l
 
     m_l is the dropout mask (ones without dropout), drawn from the default generator exactly as
     ATen's CPU dropout draws it. Batch norm runs through ATen's own forward and backward kernels
     (the ones autograd calls), updating the running statistics as the module does. Each gradient
-    goes back through a layer's weights before they are updated, and W_l is updated inside the
-    product that computes its gradient (`addmm_`, alpha = -lr / B), so its gradient is never
-    stored. Only where `backprop_supported` says so; tests/test_engine.py checks it against a
-    textbook loop.
+    goes back through a layer's weights before they are updated. The optimizer's parameter group
+    is read at every step, so a learning-rate schedule takes effect as it does for autograd.
+    Plain SGD (no momentum, no weight decay) updates W_l inside the product that computes its
+    gradient (`addmm_`, alpha = -lr), so that gradient is never stored; with momentum or weight
+    decay each gradient is computed (W_l's into a buffer kept between steps) and handed to
+    `_sgd_update`, which keeps the momentum buffers in `optimizer.state` as torch.optim.SGD does
+    (checkpoints and a later autograd step see the same state). Only where `backprop_supported`
+    says so; tests/test_engine.py checks it against a textbook loop.
     """
     layers = backprop_layers(model)
     if layers is None:
         raise ValueError("backprop_step needs an MLP that backprop_layers handles (see backprop_supported)")
-    group = optimizer.param_groups[0]
+    group, state = optimizer.param_groups[0], optimizer.state
     minus_one = torch.full((batch_size, 1), -1.0)
+    weight_grads = [torch.empty_like(layer.linear.weight) for layer in layers]  # with momentum or weight decay
 
     @torch.no_grad()
     def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -249,8 +294,9 @@ def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size
         logits = a
         log_probs = torch.log_softmax(logits, dim=1)
         loss = F.nll_loss(log_probs, y)
-        grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), minus_one)  # B * dL/dz_L
-        alpha = -group["lr"] / batch_size
+        grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), minus_one).div_(batch_size)  # dL/dz_L
+        plain = group["momentum"] == 0 and group["weight_decay"] == 0
+        alpha = -float(group["lr"])
         for i in reversed(range(len(layers))):
             linear, norm, activation, p = layers[i]
             if p > 0:
@@ -262,13 +308,23 @@ def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size
                 grad, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
                     grad, z, norm.weight, norm.running_mean, norm.running_var, mean, invstd, True, norm.eps, [True] * 3
                 )
-                norm.weight.add_(grad_gamma, alpha=alpha)
-                norm.bias.add_(grad_beta, alpha=alpha)
+                if plain:
+                    norm.weight.add_(grad_gamma, alpha=alpha)
+                    norm.bias.add_(grad_beta, alpha=alpha)
+                else:
+                    _sgd_update(norm.weight, grad_gamma, group, state)
+                    _sgd_update(norm.bias, grad_beta, group, state)
             grad_input = grad @ linear.weight if i > 0 else None  # before W_l changes
-            linear.weight.addmm_(grad.t(), inputs[i], alpha=alpha)
-            if linear.bias is not None:
-                linear.bias.add_(grad.sum(0), alpha=alpha)
+            if plain:
+                linear.weight.addmm_(grad.t(), inputs[i], alpha=alpha)
+                if linear.bias is not None:
+                    linear.bias.add_(grad.sum(0), alpha=alpha)
+            else:
+                _sgd_update(linear.weight, torch.mm(grad.t(), inputs[i], out=weight_grads[i]), group, state)
+                if linear.bias is not None:
+                    _sgd_update(linear.bias, grad.sum(0), group, state)
             grad = grad_input
+        optimizer._opt_called = True  # what optimizer.step() records for the lr schedulers' order check
         return loss, logits
 
     return step
@@ -293,7 +349,7 @@ def train_step(
     precision: str = "fp32",
 ) -> tuple[str, TrainStep]:
     """The fastest step that computes what `autograd_step` computes, and its kind (`step_kind`):
-    a CUDA graph on a GPU, hand-derived backprop for an MLP trained by plain SGD on a CPU, else
+    a CUDA graph on a GPU, hand-derived backprop for an MLP trained by SGD on a CPU, else
     autograd."""
     kind = step_kind(model, optimizer, fast, precision)
     if kind == "cuda_graph":
