@@ -3,6 +3,7 @@ stopping, and the gradients the probe measures inside the network."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -84,7 +85,9 @@ def test_init_and_scheduler_join_the_run_name_and_params_only_when_not_default()
 # --- schedules ------------------------------------------------------------------------------------
 
 
-def epoch_lrs(name: str, *overrides: str, epochs: int = 10, steps_per_epoch: int = 1, losses: list[float] | None = None) -> list[float]:
+def epoch_lrs(
+    name: str, *overrides: str, epochs: int = 10, steps_per_epoch: int = 1, losses: list[float] | None = None
+) -> list[float]:
     """The learning rate each epoch starts with under scheduler `name` (SGD, lr 0.1)."""
     cfg = compose_config([f"scheduler={name}", *overrides])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -118,7 +121,7 @@ def test_onecycle_schedule_steps_every_batch() -> None:
     rates = epoch_lrs("onecycle", "scheduler.pct_start=0.3", epochs=10, steps_per_epoch=10)
     assert rates[0] == pytest.approx(0.1 / 25)  # max_lr / div_factor
     assert rates[3] == pytest.approx(0.1, rel=1e-3)  # the peak at 30% of the 100 steps
-    assert all(a > b for a, b in zip(rates[3:], rates[4:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(rates))
 
 
 def test_plateau_schedule_cuts_the_rate_when_validation_loss_stalls() -> None:
@@ -128,12 +131,16 @@ def test_plateau_schedule_cuts_the_rate_when_validation_loss_stalls() -> None:
 
 
 @pytest.mark.parametrize("fast_step", [True, False], ids=["backprop", "autograd"])
-def test_a_run_logs_its_learning_rate_per_epoch(fast_step: bool, tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+def test_a_run_logs_its_learning_rate_per_epoch(
+    fast_step: bool, tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
     overrides = ["scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5", "depth.widths=[16]"]
     train(tiny_cfg(*overrides, "trainer.max_epochs=3", "probe.enabled=false", f"trainer.fast_step={fast_step}"))
     client = MlflowClient(sqlite_uri(tmp_path))
     run = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])[0]
-    assert run.data.params["scheduler"] == "step" and run.data.params["train_step"] == ("backprop" if fast_step else "autograd")
+    assert run.data.params["scheduler"] == "step" and run.data.params["train_step"] == (
+        "backprop" if fast_step else "autograd"
+    )
     rates = client.get_metric_history(run.info.run_id, "lr")
     assert [m.step for m in rates] == [1, 2, 3] and [m.value for m in rates] == pytest.approx([0.1, 0.05, 0.025])
 
@@ -141,7 +148,9 @@ def test_a_run_logs_its_learning_rate_per_epoch(fast_step: bool, tiny_cfg: Calla
 def test_the_backprop_step_follows_a_schedule_as_autograd_does(tiny_cfg: Callable[..., DictConfig]) -> None:
     """The same run with the hand-derived step and with autograd: the same validation accuracy."""
     overrides = ["scheduler=onecycle", "depth.widths=[32]", "probe.enabled=false", "tracking.log_model=false"]
-    assert train(tiny_cfg(*overrides)) == pytest.approx(train(tiny_cfg(*overrides, "trainer.fast_step=false")), abs=1e-9)
+    assert train(tiny_cfg(*overrides)) == pytest.approx(
+        train(tiny_cfg(*overrides, "trainer.fast_step=false")), abs=1e-9
+    )
 
 
 # --- early stopping -------------------------------------------------------------------------------
@@ -149,28 +158,47 @@ def test_the_backprop_step_follows_a_schedule_as_autograd_does(tiny_cfg: Callabl
 
 def history(values: list[float], key: str = "val_loss") -> list[EpochMetrics]:
     other = "val_acc" if key == "val_loss" else "val_loss"
-    return [EpochMetrics(epoch=i + 1, train_loss=0, train_acc=0, epoch_time_s=0, **{key: v, other: 0.0}) for i, v in enumerate(values)]
+    return [
+        EpochMetrics(epoch=i + 1, train_loss=0, train_acc=0, epoch_time_s=0, **{key: v, other: 0.0})
+        for i, v in enumerate(values)
+    ]
 
 
 def test_best_epoch_and_stop_follow_patience_and_min_delta() -> None:
     stopping = EarlyStopping("val_loss", patience=2, min_delta=0.05)
     losses = [1.0, 0.8, 0.78, 0.77, 0.6, 0.7, 0.65]  # 0.78 and 0.77 improve by less than min_delta
     assert [stopping.best_epoch(history(losses[:n])) for n in range(1, 8)] == [1, 2, 2, 2, 5, 5, 5]
-    assert [stopping.should_stop(history(losses[:n])) for n in range(1, 8)] == [False, False, False, True, False, False, True]
+    assert [stopping.should_stop(history(losses[:n])) for n in range(1, 8)] == [
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
     accuracy = EarlyStopping("val_acc", patience=1)
     assert accuracy.best_epoch(history([0.5, 0.7, 0.7, 0.6], "val_acc")) == 2  # a tie is no improvement
     assert accuracy.should_stop(history([0.5, 0.7, 0.7], "val_acc"))
     assert not EarlyStopping(patience=None).should_stop(history([1.0] * 20))
 
 
-def test_early_stopping_stops_and_tests_the_best_epochs_weights(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+def test_early_stopping_stops_and_tests_the_best_epochs_weights(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
     # no epoch can improve val_acc by more than 1: the first epoch stays the best and training stops after 1 + patience
-    stop = ["trainer.early_stopping.monitor=val_acc", "trainer.early_stopping.min_delta=1.0", "trainer.early_stopping.patience=2"]
+    stop = [
+        "trainer.early_stopping.monitor=val_acc",
+        "trainer.early_stopping.min_delta=1.0",
+        "trainer.early_stopping.patience=2",
+    ]
     small = ["depth.widths=[32]", "probe.enabled=false", "tracking.log_model=false"]
     train(tiny_cfg(*small, *stop, "trainer.max_epochs=10"))
     train(tiny_cfg(*small, "trainer.max_epochs=1"))  # what epoch 1 alone tests at
     client = MlflowClient(sqlite_uri(tmp_path))
-    stopped, one_epoch = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id], order_by=["start_time ASC"])
+    stopped, one_epoch = client.search_runs(
+        [client.get_experiment_by_name("mlpsweep").experiment_id], order_by=["start_time ASC"]
+    )
     assert len(client.get_metric_history(stopped.info.run_id, "val_acc")) == 3
     assert (stopped.data.metrics["best_epoch"], stopped.data.metrics["stopped_epoch"]) == (1, 3)
     assert stopped.data.metrics["test_acc"] == one_epoch.data.metrics["test_acc"]
@@ -178,7 +206,9 @@ def test_early_stopping_stops_and_tests_the_best_epochs_weights(tiny_cfg: Callab
     assert "best_epoch" not in one_epoch.data.metrics  # off by default
 
 
-def test_a_checkpoint_carries_the_schedule_and_the_best_weights(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+def test_a_checkpoint_carries_the_schedule_and_the_best_weights(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
     cfg = tiny_cfg("scheduler=plateau", "depth.widths=[16]")
     identity = CheckpointIdentity("sqlite:///x.db", "mlpsweep", "hash", "data")
 
@@ -220,7 +250,7 @@ def gradient_norms(*overrides: str, steps: int = 0) -> list[float]:
 
 def test_gradients_vanish_towards_the_input_of_a_deep_sigmoid_network_but_not_with_batchnorm() -> None:
     plain = gradient_norms("norm=none")
-    assert all(a < b for a, b in zip(plain, plain[1:], strict=False)) and plain[0] < 1e-3 * plain[-1]
+    assert all(a < b for a, b in itertools.pairwise(plain)) and plain[0] < 1e-3 * plain[-1]
     normed = gradient_norms("norm=batchnorm")
     assert normed[0] > 0.1 * normed[-1]
 

@@ -24,7 +24,12 @@ class Schedule:
     """The learning-rate schedule of one run: `after_step` after each training step, `after_epoch`
     after each validation; its state goes into the run's checkpoints."""
 
-    def __init__(self, scheduler: lr_scheduler.LRScheduler | lr_scheduler.ReduceLROnPlateau | None, per_step: bool, monitor: str | None = None):
+    def __init__(
+        self,
+        scheduler: lr_scheduler.LRScheduler | lr_scheduler.ReduceLROnPlateau | None,
+        per_step: bool,
+        monitor: str | None = None,
+    ):
         self.scheduler = scheduler
         self.per_step = per_step
         self.monitor = monitor
@@ -51,7 +56,9 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, max_epochs: int, steps_per_epoch: int) -> Schedule:
+def build_schedule(
+    cfg: DictConfig, optimizer: torch.optim.Optimizer, max_epochs: int, steps_per_epoch: int
+) -> Schedule:
     """The schedule `cfg` (the `scheduler` node) describes, over `max_epochs` epochs of
     `steps_per_epoch` training steps."""
     options = OmegaConf.to_container(cfg, resolve=True)
