@@ -94,11 +94,13 @@ def test_summaries_match_numbers_computed_by_hand() -> None:
 def test_seed_aggregation_and_effects_of_a_known_store(known_sweep) -> None:
     _, sweep = known_sweep
     assert sweep.axes == ["activation", "norm"] and sweep.has_seeds
+    # runs logged before the init and scheduler axes existed: what they trained with, one level each
+    assert set(sweep.runs.init) == {"default"} and set(sweep.runs.scheduler) == {"none"}
     assert len(sweep.runs) == 13 and len(sweep.finished) == 12
 
     summary = config_summary(sweep).set_index("config")
-    assert summary.loc["sigmoid / none", "n"] == 3
-    assert summary.loc["sigmoid / none", "test_acc"] == "0.9100 ± 0.0100 [0.8852, 0.9348]"
+    assert summary.loc["activation=sigmoid, norm=none", "n"] == 3  # a config named by its axes
+    assert summary.loc["activation=sigmoid, norm=none", "test_acc"] == "0.9100 ± 0.0100 [0.8852, 0.9348]"
 
     found = {(e["axis"], e["value"], e["context"]): e for e in effects(sweep, baselines={})}
     bn_sigmoid = found[("norm", "batchnorm", "activation=sigmoid")]
@@ -126,9 +128,37 @@ def test_report_files_of_a_known_store(known_sweep, tmp_path: Path) -> None:
     assert "sigmoid vs relu, with norm=none: -6.5 pp" in markdown  # the baseline option
     assert "relu-none-lr-huge (FAILED)" in markdown and "loss diverged to nan at epoch 1, step 7" in markdown
     assert "job 13: [dropout.p=1.5] ConfigError" in markdown
-    assert len(pd.read_csv(out / "runs.csv")) == 13
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 13
     logged = {a.path for a in client.list_artifacts(sweep.parent.info.run_id, "report")}
-    assert {"report/report.md", "report/report.html", "report/runs.csv"} <= logged
+    assert {f"report/{name}" for name in ("report.md", "report.html", "runs.csv", "cells.csv", "anova.csv", "effects.csv")} <= logged
+    assert_tables_agree(out, runs)
+    # the ANOVA by hand (pp): interaction contrast (96 - 91) - (97.7 - 97.5) = 4.8, SS = 3 * 4.8^2 / 4 = 17.28;
+    # residual SS = 2 * 2 * 1^2 + 2 * 2 * 0.5^2 = 5 on 8 df, so F = 17.28 / (5 / 8) = 27.648
+    anova = pd.read_csv(out / "anova.csv").set_index("term")
+    assert anova.loc["activation x norm", "F"] == pytest.approx(27.648) and anova.loc["residual", "df"] == 8
+    assert "Type II sums of squares" in markdown and "(activation=sigmoid vs relu at norm=batchnorm)" in markdown
+    assert (out / "figures" / "interaction_activation_norm.png").is_file()
+    assert "Holm's correction across all 10 tests of this report (3 ANOVA terms and 7 comparisons" in markdown
+
+
+def assert_tables_agree(out: Path, runs: pd.DataFrame) -> None:
+    """cells.csv holds each config's finished runs of runs.csv, effects.csv compares those configs with
+    those n, and the report links every CSV."""
+    finished = runs[runs.status == "FINISHED"].dropna(subset=["test_acc"])
+    cells, effects = pd.read_csv(out / "cells.csv"), pd.read_csv(out / "effects.csv")
+    assert cells.n.sum() == len(finished)
+    factors = [c for c in cells.columns if c in finished.columns and c != "seed"]
+    means = finished.groupby(factors).test_acc.mean()
+    for row in cells.to_dict("records"):
+        assert row["mean"] == pytest.approx(means[tuple(row[f] for f in factors)])
+    n_of = dict(zip(cells.config, cells.n))
+    simple = effects[effects.kind == "simple"]
+    assert len(simple) and all(r.n_a == n_of[r.cells_a] and r.n_b == n_of[r.cells_b] for r in simple.itertuples())
+    assert effects.p_holm.dropna().ge(effects.p.dropna() - 1e-12).all() and effects.verdict.notna().all()
+    page, markdown = (out / "report.html").read_text(), (out / "report.md").read_text()
+    for name in ("runs.csv", "cells.csv", "anova.csv", "effects.csv"):
+        assert f'href="{name}"' in page and f"]({name})" in markdown
 
 
 def test_a_sweep_of_one_run(tmp_path: Path) -> None:
@@ -161,14 +191,20 @@ def test_report_of_a_real_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
     result = subprocess.run(report, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "reports" / "real-sweep"
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "runs.csv", "figures"}
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "runs.csv", "cells.csv", "anova.csv", "effects.csv", "figures"}
     assert {p.stem for p in (out / "figures").iterdir()} >= {
-        "marginal_activation", "marginal_norm", "learning_curves", "generalization_gap",
-        "activation_histograms", "probe_health", "confusion_best",
+        "marginal_activation", "marginal_norm", "learning_curves", "generalization_gap", "activation_histograms",
+        "probe_health", "confusion_best", "main_effects", "interaction_activation_norm", "probe_health_by_activation",
     }  # fmt: skip
     runs = pd.read_csv(out / "runs.csv")
     failed = runs[runs.status == "FAILED"]
     assert len(runs) == 16 and len(failed) >= 4  # every relu run with lr=1e30 diverges (sigmoid may saturate instead)
+    assert_tables_agree(out, runs)
+    anova = pd.read_csv(out / "anova.csv")
+    if pd.read_csv(out / "cells.csv").n.min() >= 2:  # unless a diverging sigmoid config kept one seed
+        assert {"activation", "norm", "residual"} <= set(anova.term) and anova.F.notna().any()
+    else:
+        assert anova.empty and "No ANOVA: it needs at least 2 seeds of every config" in (out / "report.md").read_text()
 
     markdown = (out / "report.md").read_text()
     pivot_rows = re.search(r"activation x norm:\n\n((?:\|.*\n)+)", markdown).group(1).strip().splitlines()

@@ -1,0 +1,3 @@
+from mlpsweep.report.cli import main
+
+main()
