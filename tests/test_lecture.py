@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import REPO_ROOT, compose_config, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
@@ -15,7 +17,7 @@ from torch import nn
 
 from mlpsweep.cli import train
 from mlpsweep.config import CONFIG_DIR
-from mlpsweep.lecture import verdict
+from mlpsweep.lecture import BN_PRESETS, batchnorm_question, dropout_question, preset_axes, verdict
 from mlpsweep.model import build_model, count_parameters
 
 # preset: (Linear shapes (in, out), bias, activation, norm, dropout p, epochs, parameters counted by hand)
@@ -83,3 +85,34 @@ def test_verdict_uses_the_prediction_interval_of_one_new_run() -> None:
     assert verdict(0.9449, [0.939, 0.940, 0.941]) == ("+0.49 pp", "within seed noise [0.9350, 0.9450]")
     assert verdict(0.9451, [0.939, 0.940, 0.941])[1].startswith("beyond seed noise")
     assert verdict(0.93, [0.94]) == ("-1.00 pp", "needs repeated seeds")
+
+
+def preset_frame(accuracies: dict[tuple[str, ...], float], seeds: int = 5, noise: float = 0.001) -> pd.DataFrame:
+    """Finished runs of lecture presets (with overrides) at a mean test accuracy each, plus seed noise."""
+    rng = np.random.default_rng(0)
+    rows = [{**preset_axes(*key), "seed": seed, "test_acc": acc + rng.normal(0, noise)}
+            for key, acc in accuracies.items() for seed in range(seeds)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(
+    ("sigmoid_gain", "relu_gain", "answer"),
+    [(0.025, 0.001, "Yes."), (0.001, 0.025, "No, it helps ReLU more."), (0.01, 0.01, "No: it helps both about equally.")],
+)
+def test_the_batchnorm_question_is_answered_from_the_interaction(sigmoid_gain: float, relu_gain: float, answer: str) -> None:
+    means = dict(zip(BN_PRESETS, (0.939, 0.939 + sigmoid_gain, 0.982, 0.982 + relu_gain), strict=True))
+    text = batchnorm_question(preset_frame({(preset,): acc for preset, acc in means.items()}, noise=0.0002))
+    assert text.startswith(f"**Does Batch Normalization help sigmoid more than ReLU?** {answer}")
+    expected = 100 * (relu_gain - sigmoid_gain)
+    interaction = float(text.split("The interaction, ReLU's gain minus sigmoid's, is ")[1].split(" pp")[0])
+    assert interaction == pytest.approx(expected, abs=0.05)
+    unresolved = batchnorm_question(preset_frame({(preset,): acc for preset, acc in means.items()}, seeds=1))
+    assert unresolved.startswith("Not answered: it needs at least 2 seeds")
+
+
+def test_the_dropout_question_compares_the_mlp_with_and_without_dropout() -> None:
+    runs = preset_frame({("mlp",): 0.9816, ("mlp", "dropout=lecture"): 0.9836})
+    without, with_dropout = runs[runs.dropout == "0"], runs[runs.dropout == "0.2"]
+    text = dropout_question(without, with_dropout)
+    assert "changes its test accuracy by +0.2" in text and "over 5 seeds paired by seed" in text
+    assert dropout_question(without, with_dropout.iloc[:1]).startswith("Not answered")
