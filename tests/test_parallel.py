@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,13 @@ def test_parallel_sweep_on_a_fresh_store(tiny_mnist_root: Path, tmp_path: Path, 
     assert result.returncode == 0, output[-3000:]
     assert not [e for e in RACE_ERRORS if e in output]
     check_store(store, parents=1, children_per_parent=4 * len(seeds.split(",")))
+    # every line of a job names its run, so that the interleaved output can be read; the launcher counts the jobs down
+    names = {r.info.run_name for r in MlflowClient(sqlite_uri(store)).search_runs(["1"]) if r.data.tags[ROLE_TAG] == "job"}
+    iterations = [line for line in (result.stdout + result.stderr).splitlines() if "Iter: " in line]
+    assert len(iterations) == 2 * len(names)
+    assert all(re.search(r"\] - \[(.+?)\] Iter: ", line)[1] in names for line in iterations), iterations[:4]
+    jobs = len(names)
+    assert all(f"job {n}/{jobs} done (" in result.stdout + result.stderr for n in range(1, jobs + 1))
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
     job_logs = "".join(path.read_text() for path in sweep_dir.rglob("*.log"))
     assert job_logs.count(f"({threads} CPU threads)") == 4 * len(seeds.split(","))

@@ -12,6 +12,7 @@ import requests
 from conftest import REPO_ROOT, mlflow_server, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 
+from mlpsweep.console import JOB_END_TAG_PREFIX
 from mlpsweep.tracking import FAILED_JOB_TAG_PREFIX, ROLE_TAG
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,21 @@ def test_multirun_makes_one_parent_with_a_child_per_job(tiny_mnist_root: Path, t
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1]
         assert "test_acc" in child.data.metrics
-        assert "Iter: 1 >> T_loss" in result.stdout + result.stderr
+        assert f"[{child.info.run_name}] Iter: 1 >> T_loss" in result.stdout + result.stderr
+
+    # the parent answers "what was this sweep and what won": its axes, its outcome, a description
+    parent = parents[0]
+    assert parent.data.params == {"activation": "sigmoid,relu", "norm": "none,batchnorm"}
+    accuracies = {c.info.run_name: c.data.metrics["test_acc"] for c in children}
+    best = max(accuracies, key=accuracies.get)
+    assert parent.data.metrics == pytest.approx(
+        {"jobs_finished": 4, "jobs_failed": 0, "best_test_acc": accuracies[best], "mean_test_acc": sum(accuracies.values()) / 4}
+    )
+    note = parent.data.tags["mlflow.note.content"]
+    assert "activation=sigmoid,relu norm=none,batchnorm" in note and f"Best: **{best}**" in note
+    assert not [tag for tag in parent.data.tags if tag.startswith(JOB_END_TAG_PREFIX)]  # progress marks are cleared
+    output = result.stdout + result.stderr
+    assert [f"job {n}/4 done (" in output for n in range(1, 5)] == [True] * 4
 
 
 def test_failing_jobs_are_listed_and_the_sweep_goes_on(tiny_mnist_root: Path, tmp_path: Path) -> None:
@@ -82,6 +97,8 @@ def test_failing_jobs_are_listed_and_the_sweep_goes_on(tiny_mnist_root: Path, tm
     assert sorted(failures) == [f"{FAILED_JOB_TAG_PREFIX}{n}" for n in (2, 3)]
     assert all("optimizer.lr=1e+30" in v and "DivergenceError: loss diverged" in v for v in failures.values())
     assert sorted(c.info.status for c in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    assert parents[0].data.metrics["jobs_finished"] == 2 and parents[0].data.metrics["jobs_failed"] == 2
+    assert "2 of 4 configs finished, 2 failed." in parents[0].data.tags["mlflow.note.content"]
 
 
 def test_mlflow_server_shows_the_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:

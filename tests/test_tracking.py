@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from conftest import TINY_VAL, sqlite_uri
+from conftest import TINY_TEST, TINY_TRAIN, TINY_VAL, compose_config, sqlite_uri, tiny_overrides, write_tiny_mnist
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from mlpsweep.cli import train
+from mlpsweep.data import dataset_digest, load_splits
 from mlpsweep.engine import DivergenceError
-from mlpsweep.tracking import ERROR_TAG, artifact_location, flatten, resolve_tracking_uri
+from mlpsweep.tracking import (
+    ERROR_TAG,
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING,
+    artifact_location,
+    flatten,
+    get_or_create_experiment,
+    resolve_tracking_uri,
+    split_datasets,
+)
 
 
 def only_run(store_dir: Path):
@@ -47,6 +58,18 @@ def test_a_run_logs_params_metrics_config_and_model(tiny_cfg: Callable[..., Dict
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
     assert best_val_acc == max(m.value for m in client.get_metric_history(run.info.run_id, "val_acc"))
     assert 0.5 < run.data.metrics["test_acc"] <= 1 and run.data.metrics["test_loss"] > 0
+
+    # the MLflow UI opens the experiment as model training; the run names the data it used
+    assert client.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert {context: dataset.name for context, dataset in inputs.items()} == {
+        "training": "mnist-train", "validation": "mnist-val", "testing": "mnist-test"
+    }  # fmt: skip
+    assert [json.loads(inputs[c].profile)["num_rows"] for c in ("training", "validation", "testing")] == [
+        TINY_TRAIN - TINY_VAL, TINY_VAL, TINY_TEST
+    ]  # fmt: skip
+    assert len({d.digest for d in inputs.values()}) == 3
+    assert all(json.loads(d.source)["uri"].endswith("MNIST/raw") for d in inputs.values())
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "overrides.yaml"} <= artifacts
@@ -92,3 +115,38 @@ def test_real_mnist_smoke_run(real_mnist_root: Path, tiny_cfg: Callable[..., Dic
     _, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_acc"] > 0.9
+
+
+def test_a_changed_data_file_is_a_new_digest(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    def digests(root: Path) -> dict[str, str]:
+        cfg = compose_config(tiny_overrides(root))
+        data = load_splits(cfg.data, torch.device("cpu"))
+        return {c: d.digest for c, d in split_datasets(cfg.data, data, dataset_digest("mnist", root)).items()}
+
+    changed = write_tiny_mnist(tmp_path)
+    images = changed / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    with images.open("r+b") as file:  # one pixel of one image
+        file.seek(16 + 28 * 28 * 7 + 100)
+        pixel = file.read(1)[0]
+        file.seek(-1, 1)
+        file.write(bytes([255 - pixel]))
+    before, after = digests(tiny_mnist_root), digests(changed)
+    assert before == digests(write_tiny_mnist(tmp_path / "same"))  # same files, same digests
+    assert all(before[c] != after[c] for c in before)
+
+
+def test_an_existing_experiment_is_marked_as_model_training_once(tmp_path: Path) -> None:
+    client = MlflowClient(sqlite_uri(tmp_path))
+    plain = client.create_experiment("plain")
+    assert get_or_create_experiment(client, "plain") == plain
+    assert client.get_experiment(plain).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    client.set_experiment_tag(plain, EXPERIMENT_KIND_TAG, "genai_development")  # a user's own choice stays
+    get_or_create_experiment(client, "plain")
+    assert client.get_experiment(plain).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_system_metrics_when_asked(tiny_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    train(tiny_cfg("tracking.system_metrics=true", "probe.enabled=false"))
+    _, run = only_run(tmp_path)
+    assert "system/cpu_utilization_percentage" in run.data.metrics

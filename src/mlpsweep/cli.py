@@ -17,9 +17,10 @@ import torch
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from mlpsweep import interrupt, tracking
+from mlpsweep import console, interrupt, tracking
 from mlpsweep.checkpoint import (
     CheckpointError,
     CheckpointIdentity,
@@ -44,6 +45,7 @@ from mlpsweep.engine import (
     seed_everything,
 )
 from mlpsweep.model import build_model, count_parameters
+from mlpsweep.model import summary as model_summary
 from mlpsweep.probe import ActivationProbe
 from mlpsweep.schedulers import Schedule, build_schedule
 from mlpsweep.steps import step_kind
@@ -102,8 +104,8 @@ def train(cfg: DictConfig) -> float:
             if unfinished := tracking.unfinished_run(cfg, cfg_hash):  # stopped before its first checkpoint
                 resumed = Resumed(unfinished.info.run_id, history=[])
                 log.info(f"resume: run {resumed.run_id} has no checkpoint; it starts again from epoch 0")
-    title = tracking.run_name(cfg)
-    log.info(f"{title} on {device} ({torch.get_num_threads()} CPU threads), {num_params:,} parameters:\n{model}")
+    log.info(f"on {device} ({torch.get_num_threads()} CPU threads): {model_summary(model)}")  # lines_named: the run
+    log.debug(f"the model in full:\n{model}")
     probe = ActivationProbe(
         model,
         data.test.x[: cfg.probe.num_samples],
@@ -156,6 +158,7 @@ def train_in_run(
         best.state = resumed.best_model
         if best.state is None and stopping.best_epoch(history) == history[-1].epoch:
             best.update(history, model)
+    tracking.log_datasets(cfg.data, data, identity.data_digest)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
@@ -242,7 +245,28 @@ def figure_epochs(cfg: DictConfig) -> set[int]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def run_job(cfg: DictConfig) -> float | None:
-    """Hydra's task: `train(cfg)`. In a multirun a failing job is recorded on the parent run and
+    """Hydra's task: `job(cfg)`, every line it logs starting with its run's name; in a multirun
+    its end is marked on the parent run, for the launcher's progress lines (console.SweepProgress)."""
+    name = job_label(cfg)
+    with console.lines_named(name):
+        result = job(cfg)
+    if parent_id := tracking.parent_run_id():
+        client = MlflowClient(tracking.resolve_tracking_uri(cfg.tracking.uri))
+        outcome = "finished" if result is not None else "did not finish"
+        console.record_job_end(client, parent_id, HydraConfig.get().job.num, name, outcome)
+    return result
+
+
+def job_label(cfg: DictConfig) -> str:
+    """The job's run name; `job N` where the config is too broken to name (its error comes later)."""
+    try:
+        return tracking.run_name(cfg)
+    except Exception:
+        return f"job {HydraConfig.get().job.num}"
+
+
+def job(cfg: DictConfig) -> float | None:
+    """`train(cfg)`. In a multirun a failing job is recorded on the parent run and
     the sweep goes on; an interrupted one stops the sweep (its launcher does, under a parallel
     launcher), and so does a tracking server that stopped answering."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN

@@ -157,6 +157,7 @@ RULES: dict[str, Rule] = {
     "tracking.experiment": NAME,
     "tracking.sweep_name": NAME_OR_NULL,
     "tracking.log_model": BOOL,
+    "tracking.system_metrics": BOOL,
     "tracking.http_retries": NON_NEGATIVE_INT,
     "tracking.http_timeout_s": POSITIVE_INT,  # MLflow reads MLFLOW_HTTP_REQUEST_TIMEOUT as an integer
     "tracking.sqlite_busy_timeout_s": POSITIVE,

@@ -99,3 +99,13 @@ def initialize(model: nn.Sequential, cfg: DictConfig) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def summary(model: nn.Sequential) -> str:
+    """One line on `model`: its layer widths, what a hidden block holds, its parameter count, e.g.
+    `MLP 784-1024-300-10, hidden blocks Linear-BatchNorm1d-ReLU, 1,116,998 parameters`."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    widths = "-".join(str(w) for w in [linears[0].in_features, *(m.out_features for m in linears)])
+    blocks = [m for name, m in model.named_children() if name != "head"]
+    block = "-".join(type(layer).__name__ for layer in blocks[0]) if blocks else "none"
+    return f"MLP {widths}, hidden blocks {block}, {count_parameters(model):,} parameters"

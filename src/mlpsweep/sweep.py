@@ -19,6 +19,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,18 +29,21 @@ import psutil
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from mlflow.entities import Run
+from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from hydra_plugins.mlpsweep_adaptive_seeds.adaptive_seeds_sweeper import AdaptiveSeedsSweeper
 from mlpsweep import interrupt
 from mlpsweep.checkpoint import NOT_HASHED, config_hash
 from mlpsweep.checks import INPUT_ERRORS, check_job_inputs, check_tracking_server
-from mlpsweep.config import ConfigError
+from mlpsweep.config import ConfigError, require
+from mlpsweep.console import JOB_END_TAG_PREFIX, SweepProgress
 from mlpsweep.tracking import (
     CONFIG_HASH_TAG,
     ERROR_TAG,
@@ -59,23 +63,60 @@ from mlpsweep.tracking import (
 
 log = logging.getLogger(__name__)
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
+ADAPTIVE_SWEEPER = f"{AdaptiveSeedsSweeper.__module__}.{AdaptiveSeedsSweeper.__name__}"
+# what hydra/sweeper=adaptive_seeds may compare (each run's last value): accuracies, so that precision is in pp
+ADAPTIVE_METRICS = ("test_acc", "val_acc", "train_acc")
 SWEEP_KEY_TAG = "mlpsweep.sweep_key"
 SWEEP_OVERRIDES_TAG = "mlpsweep.sweep_overrides"
 # host:pid of the process that launched the sweep: a job running inside it (the basic launcher)
 # stops the sweep itself on an interrupt, a job in a worker process leaves that to the launcher
 LAUNCHER_PID_ENV = "MLPSWEEP_LAUNCHER_PID"
 LAUNCHER_TAG = "mlpsweep.launcher"  # host:pid of the process running the sweep
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI (markdown)
 
 
 def job_overrides(config: DictConfig) -> list[list[str]] | None:
-    """The override list of every job, as the basic sweeper will expand them (None for other
-    sweepers, e.g. Optuna, whose jobs are only known as the study runs)."""
-    if config.hydra.sweeper._target_ != BASIC_SWEEPER:
-        return None
+    """The override list of every job the sweeper may run: the basic sweeper's grid; each config
+    of the adaptive sweeper's grid with each seed it may give it (0 .. max_seeds - 1); None for
+    other sweepers, e.g. Optuna, whose jobs are only known as the study runs."""
+    sweeper = config.hydra.sweeper
+    if sweeper._target_ == BASIC_SWEEPER:
+        return grid(config)
+    if sweeper._target_ == ADAPTIVE_SWEEPER:
+        return [[*cell, f"seed={seed}"] for cell in adaptive_grid(config) for seed in range(sweeper.max_seeds)]
+    return None
+
+
+def sweep_overrides(config: DictConfig) -> list[Override]:
+    """`hydra.sweeper.params` and the command line's overrides, parsed."""
     params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    overrides = parser.parse_overrides(params + list(config.hydra.overrides.task))
-    return BasicSweeper.split_arguments(overrides, None)[0]
+    return parser.parse_overrides(params + list(config.hydra.overrides.task))
+
+
+def grid(config: DictConfig) -> list[list[str]]:
+    """The override list of every config of the grid, as the basic sweeper expands them."""
+    return BasicSweeper.split_arguments(sweep_overrides(config), None)[0]
+
+
+def adaptive_grid(config: DictConfig) -> list[list[str]]:
+    """The grid of hydra/sweeper=adaptive_seeds, after checking its settings and that the grid
+    leaves the seed to the sweeper (ConfigError naming the key otherwise)."""
+    sweeper = config.hydra.sweeper
+    key = "hydra.sweeper"
+    require(sweeper.min_seeds >= 2, f"{key}.min_seeds", sweeper.min_seeds, "at least 2 (an interval needs two seeds)")
+    allowed = f"at least hydra.sweeper.min_seeds ({sweeper.min_seeds})"
+    require(sweeper.max_seeds >= sweeper.min_seeds, f"{key}.max_seeds", sweeper.max_seeds, allowed)
+    require(sweeper.precision_pp > 0, f"{key}.precision_pp", sweeper.precision_pp, "a positive number of pp")
+    metrics = f"one of {', '.join(ADAPTIVE_METRICS)}"
+    require(sweeper.metric in ADAPTIVE_METRICS, f"{key}.metric", sweeper.metric, metrics)
+    for override in sweep_overrides(config):
+        if override.key_or_group.lstrip("+~") == "seed":
+            raise ConfigError(
+                f"{override.input_line}: hydra/sweeper=adaptive_seeds chooses the seeds itself (0, 1, ... up to "
+                "hydra.sweeper.max_seeds - 1); remove seed from the command line and hydra.sweeper.params"
+            )
+    return grid(config)
 
 
 def fixed_overrides(config: DictConfig) -> list[str]:
@@ -86,10 +127,10 @@ def fixed_overrides(config: DictConfig) -> list[str]:
 
 def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
     """Compose and check every job of the sweep: one line per job that would fail on its input,
-    and the config hash of every job. A sweeper that decides the jobs as it goes (Optuna) gets
-    its shared config checked, and None for the hashes."""
+    and the config hash of every job. A sweeper that decides the jobs as it goes gets every job
+    it may run checked (adaptive_seeds), or its shared config (Optuna), and None for the hashes."""
     jobs = job_overrides(config)
-    expected: set[str] | None = set() if jobs is not None else None
+    expected: set[str] | None = set() if config.hydra.sweeper._target_ == BASIC_SWEEPER else None
     if jobs is None:
         jobs = [fixed_overrides(config)]
     try:
@@ -133,19 +174,29 @@ def identity_overrides(overrides: list[str]) -> list[str]:
 
 def sweep_key(config: DictConfig) -> str:
     """The sweep's identity, as a hash (safe inside a search filter): of its name, or, unnamed, of
-    the experiment and the overrides."""
+    the experiment, the overrides and the sweeper where it is not Hydra's basic one (an adaptive
+    sweep and a grid of the same overrides are different sweeps)."""
     if config.tracking.sweep_name:
         text = f"name\n{config.tracking.sweep_name}"
     else:
-        text = "\n".join([config.tracking.experiment, *identity_overrides(list(config.hydra.overrides.task))])
+        parts = [config.tracking.experiment, *identity_overrides(list(config.hydra.overrides.task))]
+        sweeper = str(config.hydra.sweeper.get("_target_", ""))
+        if sweeper != BASIC_SWEEPER:
+            parts.append(f"sweeper {sweeper}")
+        text = "\n".join(parts)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def launch_command() -> list[str]:
+    """The command line that was run (`python train.py ...` or `mlpsweep-train ...`)."""
+    program = ["python", sys.argv[0]] if sys.argv[0].endswith(".py") else [sys.argv[0]]
+    return program + sys.argv[1:]
 
 
 def resume_command() -> str:
     """The command line that was run, with resume=true."""
-    args = [arg for arg in sys.argv[1:] if not arg.startswith("resume=")] + ["resume=true"]
-    program = ["python", sys.argv[0]] if sys.argv[0].endswith(".py") else [sys.argv[0]]
-    return shlex.join(program + args)
+    command = [arg for arg in launch_command() if not arg.startswith("resume=")] + ["resume=true"]
+    return shlex.join(command)
 
 
 @dataclass
@@ -157,6 +208,7 @@ class SweepSession:
     name: str
     expected: set[str] | None  # the config hash of every job; None when the sweeper decides as it goes
     exit_code: int | None = None  # set once the end of the sweep is recorded
+    progress: SweepProgress | None = None  # the progress lines, while the sweep runs
 
 
 _started: list[bool] = []  # a multirun started in this process (even if its parent run could not be opened)
@@ -236,7 +288,7 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
     if earlier and config.resume:
         parent = earlier[0]
         for tag in parent.data.tags:  # what the last attempt said no longer holds
-            if tag.startswith(FAILED_JOB_TAG_PREFIX) or tag == ERROR_TAG:
+            if tag.startswith((FAILED_JOB_TAG_PREFIX, JOB_END_TAG_PREFIX)) or tag == ERROR_TAG:
                 client.delete_tag(parent.info.run_id, tag)
         client.update_run(parent.info.run_id, status="RUNNING")
         client.set_tag(parent.info.run_id, LAUNCHER_TAG, _this_process())
@@ -252,6 +304,7 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
             LAUNCHER_TAG: _this_process(),
         }
         parent = client.create_run(experiment_id, run_name=name, tags=tags)
+        client.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in swept_values(config).items()])
         log.info(f"MLflow: sweep {name} is parent run {parent.info.run_id} in {client.tracking_uri}")
     os.environ[PARENT_RUN_ENV] = parent.info.run_id
     os.environ[LAUNCHER_PID_ENV] = _this_process()
@@ -277,6 +330,8 @@ def close_sweep(stop: BaseException | None = None) -> int:
         return 1
     if session.exit_code is not None:
         return session.exit_code
+    if session.progress is not None:
+        session.progress.stop(final_poll=not isinstance(stop, TrackingOutage))
     try:
         if isinstance(stop, TrackingOutage):
             raise stop
@@ -295,7 +350,11 @@ def _close(session: SweepSession, stop: BaseException | None) -> int:
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=50000
     )
-    latest = {run.data.tags.get(CONFIG_HASH_TAG, run.info.run_id): run.info.status for run in latest_attempts(children)}
+    for tag in parent.data.tags:  # the progress marks (console.SweepProgress) have served
+        if tag.startswith(JOB_END_TAG_PREFIX):
+            client.delete_tag(parent_id, tag)
+    latest_runs = latest_attempts(children)
+    latest = {run.data.tags.get(CONFIG_HASH_TAG, run.info.run_id): run.info.status for run in latest_runs}
     expected = session.expected if session.expected is not None else set(latest)
     finished = {h for h in expected if latest.get(h) == "FINISHED"}
     failures = sorted(
@@ -307,6 +366,8 @@ def _close(session: SweepSession, stop: BaseException | None) -> int:
     interrupted = isinstance(stop, (interrupt.Interrupted, KeyboardInterrupt)) or interrupt.requested() is not None
     interrupted = interrupted or any(latest.get(h) == "KILLED" for h in expected)
     log.info(f"MLflow: {len(finished)} of {len(expected)} configs of sweep {session.name} finished; parent run {parent_id}")
+    failed_count = max(len(failures), sum(latest.get(h) == "FAILED" for h in expected))
+    record_outcome(session, [run for run in latest_runs if run.info.status == "FINISHED"], len(expected), failed_count)
     if failures:
         log.error(f"{len(failures)} job(s) failed:")
     for num, description in failures:
@@ -326,6 +387,36 @@ def _close(session: SweepSession, stop: BaseException | None) -> int:
     client.set_terminated(parent_id, "KILLED")
     log.warning(f"sweep {session.name} {reason}; continue it with: {resume_command()}")
     return 130
+
+
+def planned_jobs(config: DictConfig) -> int | None:
+    """How many jobs the sweep will run, where known: the grid's size, or Optuna's n_trials."""
+    if config.hydra.sweeper._target_ == BASIC_SWEEPER:
+        return len(grid(config))
+    return config.hydra.sweeper.get("n_trials")
+
+
+def swept_values(config: DictConfig) -> dict[str, str]:
+    """The sweep's axes and their values, e.g. {"norm": "none,batchnorm"}: the parent run's params."""
+    return {o.key_or_group: o.input_line.split("=", 1)[1] for o in sweep_overrides(config) if o.is_sweep_override()}
+
+
+def record_outcome(session: SweepSession, finished: list[Run], configs: int, failed: int) -> None:
+    """The parent run's own metrics (best and mean test accuracy of the finished configs, how many
+    finished and how many failed) and its description (mlflow.note.content: the command and what won)."""
+    client, parent_id = session.client, session.parent_id
+    scored = sorted((run for run in finished if "test_acc" in run.data.metrics), key=lambda r: r.data.metrics["test_acc"])
+    metrics = {"jobs_finished": len(finished), "jobs_failed": failed}
+    lines = [f"Sweep `{shlex.join(launch_command())}`", ""]
+    if scored:
+        accuracies = [run.data.metrics["test_acc"] for run in scored]
+        metrics |= {"best_test_acc": accuracies[-1], "mean_test_acc": sum(accuracies) / len(accuracies)}
+        best = scored[-1]
+        lines.append(f"Best: **{best.info.run_name}**, test accuracy {accuracies[-1]:.4f} (run {best.info.run_id}); "
+                     f"mean over {len(scored)} finished configs {metrics['mean_test_acc']:.4f}.")  # fmt: skip
+    lines.append(f"{len(finished)} of {configs} configs finished, {failed} failed.")
+    client.log_batch(parent_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
+    client.set_tag(parent_id, NOTE_TAG, "\n".join(lines))
 
 
 def no_idle_workers(config: DictConfig, jobs: int) -> None:
@@ -353,7 +444,9 @@ class MlflowSweepCallback(Callback):
                 raise SystemExit(130)
             if not problems:
                 configure_store_access(config.tracking)
-                _session.append(open_sweep(config, expected))
+                session = open_sweep(config, expected)
+                _session.append(session)
+                session.progress = SweepProgress(session.client, session.parent_id, planned_jobs(config)).start()
                 if expected:
                     no_idle_workers(config, len(expected))
         except INPUT_ERRORS as err:

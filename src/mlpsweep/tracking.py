@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import hashlib
+import json
 import logging
 import math
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
@@ -29,13 +32,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from matplotlib.figure import Figure
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mlpsweep import figures
 from mlpsweep.config import launch_dir
+from mlpsweep.data import DataSplits, raw_folder
 from mlpsweep.engine import EpochMetrics
 from mlpsweep.interrupt import Interrupted, SweepStop
 from mlpsweep.probe import ActivationProbe
@@ -48,6 +55,10 @@ OVERRIDES_TAG = "mlpsweep.overrides"
 ERROR_TAG = "mlpsweep.error"
 CONFIG_HASH_TAG = "mlpsweep.config_hash"
 FAILED_JOB_TAG_PREFIX = "mlpsweep.failed_job."
+# what the MLflow UI (3.x) reads to open an experiment in its "Model training" mode (the runs table,
+# no GenAI traces overview and assistant); "genai_development" is the other mode
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 # the statuses of a run that stopped before it finished and may be continued (resume=true)
 UNFINISHED = ("RUNNING", "KILLED")
 
@@ -181,10 +192,15 @@ def artifact_location(tracking_uri: str) -> str | None:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id (created if new), marked as model training for the MLflow UI (see
+    EXPERIMENT_KIND_TAG) unless it already says what it is."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+    if experiment is None:
+        location = artifact_location(client.tracking_uri)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
 
 
 @contextmanager
@@ -209,6 +225,48 @@ def prepare_store(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str
     with _store_lock(tracking_uri):
         client = MlflowClient(tracking_uri)
         return client, get_or_create_experiment(client, experiment)
+
+
+class SplitDataset(MetaDataset):
+    """One split as an MLflow dataset input: name, digest, source (the folder of the IDX files),
+    schema and number of rows; only this description is stored, never the images."""
+
+    def __init__(self, source_folder: Path, name: str, digest: str, num_rows: int, num_features: int) -> None:
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(source_folder.resolve()))
+        schema = Schema([TensorSpec(np.dtype(np.float32), (-1, num_features), "image"),
+                         TensorSpec(np.dtype(np.int64), (-1,), "label")])  # fmt: skip
+        super().__init__(source, name=name, digest=digest, schema=schema)
+        self.num_rows = num_rows
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return {"num_rows": self.num_rows}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+def split_datasets(data_cfg: DictConfig, data: DataSplits, files_digest: str) -> dict[str, SplitDataset]:
+    """The train, validation and test splits as MLflow datasets, by their MLflow context. A split's
+    digest covers the IDX files' contents (`files_digest`, see data.dataset_digest) and what cuts
+    the split from them, so a changed data file or split shows as a new digest."""
+    splits = {"training": ("train", data.train), "validation": ("val", data.val), "testing": ("test", data.test)}
+    cut = f"split_seed={data_cfg.split_seed} val_size={data_cfg.val_size} limit_train={data_cfg.limit_train}"
+    datasets = {}
+    for context, (split, tensors) in splits.items():
+        digest = hashlib.sha256(f"{files_digest} {cut} normalize={data_cfg.normalize} {split}".encode()).hexdigest()
+        name = f"{data_cfg.name}-{split}"
+        source = raw_folder(data_cfg.name, data_cfg.root)
+        datasets[context] = SplitDataset(source, name, digest[:16], len(tensors), data.num_features)
+    return datasets
+
+
+def log_datasets(data_cfg: DictConfig, data: DataSplits, files_digest: str) -> None:
+    """Log the splits (see split_datasets) as the active run's dataset inputs."""
+    datasets = split_datasets(data_cfg, data, files_digest)
+    mlflow.log_inputs(list(datasets.values()), contexts=list(datasets), tags_list=[None] * len(datasets))
 
 
 def log_epoch(metrics: EpochMetrics) -> None:
@@ -376,14 +434,19 @@ def job_run(
     _, experiment_id = prepare_store(tracking_uri, cfg.tracking.experiment)
     mlflow.set_tracking_uri(tracking_uri)
     overrides = _task_overrides()
+    system_metrics = bool(cfg.tracking.system_metrics)  # MLflow's CPU, memory (and GPU) sampling
     if resume_run_id:
-        run = mlflow.start_run(run_id=resume_run_id)  # RUNNING again
+        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)  # RUNNING again
         if ERROR_TAG in run.data.tags:
             mlflow.delete_tag(ERROR_TAG)
     else:
         tags = {ROLE_TAG: "job", OVERRIDES_TAG: " ".join(overrides), CONFIG_HASH_TAG: cfg_hash}
         run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name(cfg), parent_run_id=parent_run_id(), tags=tags
+            experiment_id=experiment_id,
+            run_name=run_name(cfg),
+            parent_run_id=parent_run_id(),
+            tags=tags,
+            log_system_metrics=system_metrics,
         )
     try:
         if not resume_run_id:

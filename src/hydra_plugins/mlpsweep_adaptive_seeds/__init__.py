@@ -1,0 +1,1 @@
+"""mlpsweep's Hydra sweeper `hydra/sweeper=adaptive_seeds` (its rounds: mlpsweep.adaptive)."""

@@ -1,0 +1,166 @@
+"""What a person sees, seen the way a person sees it: a real headless Chromium (Debian's `chromium`
+and `chromium-driver`, driven by selenium) on the report of a real sweep and on `mlflow server`'s UI
+over the same store. A screenshot of the page is saved when a check fails (to $BROWSER_ARTIFACTS,
+else the test's tmp folder). Skipped where no Chromium is installed, except in CI (.ci/run installs it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, MlflowServer, sqlite_uri, tiny_overrides
+from mlflow.tracking import MlflowClient
+
+from mlpsweep.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, ROLE_TAG
+
+pytestmark = pytest.mark.slow
+WAIT_S = 60  # the longest any page may take to show what is checked (a loaded 2-core CI machine)
+
+
+def chromium() -> tuple[str, str]:
+    """The Chromium binary and its driver; skipped when absent, except in CI, where it fails."""
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        browser = None
+    if browser and driver:
+        return browser, driver
+    if os.environ.get("CI"):
+        pytest.fail("CI must have Chromium, chromedriver and selenium: .ci/run installs them")
+    pytest.skip("no Chromium/chromedriver/selenium (apt-get install chromium chromium-driver; pip install -e '.[dev]')")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@contextmanager
+def screenshot_on_failure(driver, name: str, tmp_path: Path) -> Iterator[None]:
+    """Save what the page shows when a check inside fails, and say where in the failure."""
+    try:
+        yield
+    except BaseException as err:
+        folder = Path(os.environ.get("BROWSER_ARTIFACTS", tmp_path))
+        folder.mkdir(parents=True, exist_ok=True)
+        shot = folder / f"{name}.png"
+        driver.save_screenshot(str(shot))
+        raise AssertionError(f"{err} (screenshot: {shot}; page: {driver.current_url})") from err
+
+
+def wait_for(driver, condition, message: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(condition, message)
+
+
+def text_shown(text: str):
+    """The page holds `text` (in a panel that may need scrolling to be seen)."""
+    return lambda driver: text in driver.execute_script("return document.body.innerText")
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tiny_mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with mlflow.db of a finished real sweep: norm=none,batchnorm x seed=0,1, small and quick."""
+    chromium()  # nothing to train where the browser tests cannot run
+    folder = tmp_path_factory.mktemp("browser_sweep")
+    args = ["norm=none,batchnorm", "seed=0,1", "depth.widths=[64]", "data.limit_train=200", "probe.enabled=false",
+            f"hydra.sweep.dir={folder / 'multirun'}"]  # fmt: skip
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--multirun", *tiny_overrides(tiny_mnist_root, folder), *args]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder
+
+
+def test_the_report_shows_every_figure_without_errors(browser, sweep_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    report = [sys.executable, str(REPO_ROOT / "report.py"), "--tracking-uri", sqlite_uri(sweep_store), "--out", str(out)]
+    result = subprocess.run(report, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    page = next(out.rglob("report.html"))
+
+    browser.get(page.as_uri())
+    with screenshot_on_failure(browser, "report", tmp_path):
+        wait_for(browser, lambda d: d.execute_script("return document.readyState") == "complete", "report never loaded")
+        images = wait_for(
+            browser,
+            lambda d: d.execute_script(
+                "const imgs = [...document.images];"
+                "return imgs.every(i => i.complete) ? imgs.map(i => [i.getAttribute('src'), i.naturalWidth]) : null"
+            ),
+            "the report's images never finished loading",
+        )
+        assert len(images) >= 2, images
+        assert [src for src, width in images if width == 0] == [], "figures that did not render"
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == [], errors
+
+
+def test_the_mlflow_ui_shows_the_sweep_as_model_training(browser, sweep_store: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    client = MlflowClient(sqlite_uri(sweep_store))
+    experiment = client.get_experiment_by_name("mlpsweep")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(run for run in runs if run.data.tags[ROLE_TAG] == "sweep")
+    children = sorted(run.info.run_name for run in runs if run.data.tags[ROLE_TAG] == "job")
+    assert len(children) == 4
+    child = next(run for run in runs if run.info.run_name == "relu-batchnorm-p0-64-s1")
+    experiment_page = f"#/experiments/{experiment.experiment_id}"
+
+    with MlflowServer(tmp_path / "server", backend_store_uri=sqlite_uri(sweep_store)) as server:
+        # the experiment in MLflow's model-training mode lands on its training runs: the sweep, collapsed
+        browser.get(f"{server.uri}/{experiment_page}?workflowType=machine_learning")
+        with screenshot_on_failure(browser, "training_runs", tmp_path):
+            wait_for(browser, lambda d: "/runs" in d.current_url, "the experiment did not open on its training runs")
+            parent_link = wait_for(
+                browser, lambda d: d.find_elements(By.LINK_TEXT, parent.info.run_name), "no parent run in the list"
+            )[0]
+            assert not browser.find_elements(By.LINK_TEXT, children[0])  # nested, not beside the parent
+            expand = parent_link.find_element(By.XPATH, "./ancestor::*[contains(@class, 'ag-cell-value')][1]//button")
+            expand.click()
+            for name in children:
+                wait_for(browser, lambda d, name=name: d.find_elements(By.LINK_TEXT, name), f"{name} not shown nested")
+
+        # the parent says what the sweep was and what won
+        browser.get(f"{server.uri}/{experiment_page}/runs/{parent.info.run_id}")
+        with screenshot_on_failure(browser, "parent_run", tmp_path):
+            wait_for(browser, text_shown("best_test_acc"), "the parent's metrics are not shown")
+            wait_for(browser, text_shown("Best:"), "the parent's description is not shown")
+
+        # a child's metric charts and its artifacts
+        browser.get(f"{server.uri}/{experiment_page}/runs/{child.info.run_id}/model-metrics")
+        with screenshot_on_failure(browser, "child_metrics", tmp_path):
+            for metric in ("train_loss", "test_acc"):  # the first charts; the rest are drawn when scrolled to
+                wait_for(browser, text_shown(metric), f"no {metric} chart")
+            wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "svg.main-svg"), "no chart drawn")
+            browser.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']").send_keys("val_")
+            for metric in ("val_acc", "val_loss"):
+                wait_for(browser, text_shown(metric), f"no {metric} chart")
+        browser.get(f"{server.uri}/{experiment_page}/runs/{child.info.run_id}/artifacts")
+        with screenshot_on_failure(browser, "child_artifacts", tmp_path):
+            for artifact in ("config.yaml", "learning_curves.png"):
+                wait_for(browser, text_shown(artifact), f"no {artifact} among the artifacts")
