@@ -84,6 +84,26 @@ def tiny_overrides(data_root: Path, store_dir: Path | None = None) -> list[str]:
     return overrides + ([f"tracking.uri={sqlite_uri(store_dir)}"] if store_dir else [])
 
 
+# A real 16-job sweep, shared by the report's and the browser's end-to-end tests (which run on one
+# xdist worker: they carry @pytest.mark.xdist_group(REAL_SWEEP_GROUP), and pytest runs --dist loadgroup)
+REAL_SWEEP_GROUP = "real_sweep"
+REAL_SWEEP = [
+    "activation=sigmoid,relu", "norm=none,batchnorm", "seed=0,1", "optimizer.lr=0.1,1e30",
+    "depth.widths=[64,32]", "tracking.sweep_name=real-sweep",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def real_sweep(tiny_mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The folder of a finished real sweep (its mlflow.db inside) and how train.py ended: sigmoid/relu x
+    none/batchnorm x seed 0, 1 x lr 0.1 and 1e30 (whose jobs diverge and fail)."""
+    folder = tmp_path_factory.mktemp("real_sweep")
+    overrides = [*tiny_overrides(tiny_mnist_root, folder), *REAL_SWEEP, f"hydra.sweep.dir={folder / 'multirun'}"]
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--multirun", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return folder, subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+
+
 def sqlite_uri(store_dir: Path) -> str:
     return f"sqlite:///{store_dir / 'mlflow.db'}"
 

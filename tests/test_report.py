@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, free_port, sqlite_uri, tiny_overrides
+from conftest import REAL_SWEEP_GROUP, REPO_ROOT, free_port, sqlite_uri
 from mlflow.tracking import MlflowClient
 
 from mlpsweep.report import (
@@ -178,16 +178,12 @@ def test_a_sweep_of_one_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_report_of_a_real_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
-    sweep = [
-        "activation=sigmoid,relu", "norm=none,batchnorm", "seed=0,1", "optimizer.lr=0.1,1e30",
-        "depth.widths=[64,32]", f"hydra.sweep.dir={tmp_path / 'multirun'}", "tracking.sweep_name=real-sweep",
-    ]  # fmt: skip
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--multirun", *tiny_overrides(tiny_mnist_root, tmp_path), *sweep]
-    trained = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+@pytest.mark.xdist_group(REAL_SWEEP_GROUP)
+def test_report_of_a_real_sweep(real_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
+    store, trained = real_sweep
     assert trained.returncode == 1, trained.stderr[-3000:]  # the lr=1e30 jobs diverge
 
-    report = [sys.executable, str(REPO_ROOT / "report.py"), "--tracking-uri", sqlite_uri(tmp_path), "--out", str(tmp_path / "reports")]
+    report = [sys.executable, str(REPO_ROOT / "report.py"), "--tracking-uri", sqlite_uri(store), "--out", str(tmp_path / "reports")]
     result = subprocess.run(report, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "reports" / "real-sweep"

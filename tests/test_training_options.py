@@ -121,7 +121,7 @@ def test_onecycle_schedule_steps_every_batch() -> None:
     rates = epoch_lrs("onecycle", "scheduler.pct_start=0.3", epochs=10, steps_per_epoch=10)
     assert rates[0] == pytest.approx(0.1 / 25)  # max_lr / div_factor
     assert rates[3] == pytest.approx(0.1, rel=1e-3)  # the peak at 30% of the 100 steps
-    assert all(a > b for a, b in itertools.pairwise(rates))
+    assert all(a > b for a, b in itertools.pairwise(rates[3:]))  # then down
 
 
 def test_plateau_schedule_cuts_the_rate_when_validation_loss_stalls() -> None:

@@ -124,6 +124,8 @@ def train(cfg: DictConfig) -> float:
         checkpoint.unlink(missing_ok=True)  # a failed run is rerun from scratch; interrupts and outages keep it
         raise
     checkpoint.unlink(missing_ok=True)  # the run finished; its model is in MLflow
+    if tracking.parent_run_id() is None:  # a sweep says where to look once it closes
+        log.info(tracking.browse_hint(identity.tracking_uri, run.info.experiment_id, run.info.run_name))
     return max(m.val_acc for m in history)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 from statsmodels.stats.power import TTestIndPower, TTestPower
+from statsmodels.tools.sm_exceptions import ConvergenceWarning  # imported first: it sets "always" filters
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def detectable_difference(sd: float, n: float, paired: bool, alpha: float = 0.05
     solver = TTestPower() if paired else TTestIndPower()
     nobs = {"nobs": n} if paired else {"nobs1": n, "ratio": 1.0}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the root finder's warning; NaN is handled below
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the root finder's; NaN is handled below
         effect = solver.solve_power(effect_size=None, alpha=alpha, power=power, **nobs)
     if not np.isfinite(effect):  # beyond the solver's bracket (e.g. 2 pairs): the central-t approximation
         df = n - 1 if paired else 2 * n - 2
@@ -204,7 +205,7 @@ def samples_needed(difference: float, sd: float, paired: bool, alpha: float = 0.
         return math.nan
     effect = abs(difference) / sd
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the root finder's warning; NaN is handled below
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the root finder's; NaN is handled below
         if paired:
             n = TTestPower().solve_power(effect_size=effect, nobs=None, alpha=alpha, power=power)
         else:

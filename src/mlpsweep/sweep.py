@@ -52,6 +52,7 @@ from mlpsweep.tracking import (
     PARENT_RUN_ENV,
     ROLE_TAG,
     TrackingOutage,
+    browse_hint,
     configure_store_access,
     describe,
     latest_attempts,
@@ -366,6 +367,7 @@ def _close(session: SweepSession, stop: BaseException | None) -> int:
     interrupted = isinstance(stop, (interrupt.Interrupted, KeyboardInterrupt)) or interrupt.requested() is not None
     interrupted = interrupted or any(latest.get(h) == "KILLED" for h in expected)
     log.info(f"MLflow: {len(finished)} of {len(expected)} configs of sweep {session.name} finished; parent run {parent_id}")
+    log.info(browse_hint(client.tracking_uri, parent.info.experiment_id, session.name))
     failed_count = max(len(failures), sum(latest.get(h) == "FAILED" for h in expected))
     record_outcome(session, [run for run in latest_runs if run.info.status == "FINISHED"], len(expected), failed_count)
     if failures:

@@ -269,6 +269,16 @@ def log_datasets(data_cfg: DictConfig, data: DataSplits, files_digest: str) -> N
     mlflow.log_inputs(list(datasets.values()), contexts=list(datasets), tags_list=[None] * len(datasets))
 
 
+def browse_hint(tracking_uri: str, experiment_id: str, run_name: str) -> str:
+    """Where to look at a run in the MLflow UI, in its model-training view: MLflow 3's UI opens an
+    experiment in its GenAI view unless the page's `workflowType` says otherwise (it remembers the
+    choice in the browser; the experiment's kind tag does not decide it)."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {tracking_uri.rstrip('/')}/{page} (run {run_name})"
+    return f"MLflow UI: run `mlflow ui --backend-store-uri {tracking_uri}`, then open http://127.0.0.1:5000/{page} (run {run_name})"
+
+
 def log_epoch(metrics: EpochMetrics) -> None:
     mlflow.log_metrics(metrics.metrics(), step=metrics.epoch)
 
