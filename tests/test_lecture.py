@@ -114,5 +114,9 @@ def test_the_dropout_question_compares_the_mlp_with_and_without_dropout() -> Non
     runs = preset_frame({("mlp",): 0.9816, ("mlp", "dropout=lecture"): 0.9836})
     without, with_dropout = runs[runs.dropout == "0"], runs[runs.dropout == "0.2"]
     text = dropout_question(without, with_dropout)
+    assert text.startswith("**Does Dropout help the 165-165 MLP?** Yes.")
     assert "changes its test accuracy by +0.2" in text and "over 5 seeds paired by seed" in text
+    same = preset_frame({("mlp",): 0.9816, ("mlp", "dropout=lecture"): 0.9816}, noise=0.0002)
+    answer = dropout_question(same[same.dropout == "0"], same[same.dropout == "0.2"])
+    assert answer.startswith("**Does Dropout help the 165-165 MLP?** No: with and without it the MLP is equivalent")
     assert dropout_question(without, with_dropout.iloc[:1]).startswith("Not answered")

@@ -27,7 +27,7 @@ from scipy import stats
 
 from mlpsweep.config import CONFIG_DIR
 from mlpsweep.report import ReportError, Sweep, markdown_table, open_sweep
-from mlpsweep.report.analysis import anova, comparisons
+from mlpsweep.report.analysis import MARGIN_PP, anova, comparisons
 from mlpsweep.stats import summarize
 from mlpsweep.tracking import axes
 
@@ -108,8 +108,14 @@ def dropout_question(without: pd.DataFrame, with_dropout: pd.DataFrame) -> str:
     if min(len(without), len(with_dropout)) < 2:
         return "Not answered: it needs at least 2 seeds of `lecture=mlp` and of `lecture=mlp dropout=lecture`."
     row = comparisons(runs, ["dropout"], baselines={"dropout": "0"}).iloc[0]
+    if row.p_holm < 0.05:
+        answer = "Yes." if row.diff_pp > 0 else "No, it hurts."
+    elif row.tost_p < 0.05:
+        answer = f"No: with and without it the MLP is equivalent within ±{MARGIN_PP:g} pp."
+    else:
+        answer = "Not resolved by these seeds."
     return "\n".join([
-        f"**Does Dropout help the 165-165 MLP?** Dropout 0.2 after each hidden block of the lecture's MLP "
+        f"**Does Dropout help the 165-165 MLP?** {answer} Dropout 0.2 after each hidden block of the lecture's MLP "
         f"(784-165-165-10, ReLU, 25 epochs, no Batch Normalization) changes its test accuracy by "
         f"{_interval(row)} over {row.n_pairs} seeds paired by seed (Welch: [{row.welch_low_pp:+.2f}, "
         f"{row.welch_high_pp:+.2f}]; P(a run with Dropout beats one without) = {row.poi:.2f}); "
