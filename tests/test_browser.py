@@ -118,6 +118,7 @@ def test_the_report_shows_every_figure_without_errors(browser, sweep_store: Path
 @pytest.mark.xdist_group(REAL_SWEEP_GROUP)
 def test_the_mlflow_ui_shows_the_sweep_as_model_training(browser, sweep_store: Path, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     client = MlflowClient(sqlite_uri(sweep_store))
     experiment = client.get_experiment_by_name("mlpsweep")
@@ -154,12 +155,19 @@ def test_the_mlflow_ui_shows_the_sweep_as_model_training(browser, sweep_store: P
         # a child's metric charts and its artifacts
         browser.get(f"{server.uri}/{experiment_page}/runs/{child.info.run_id}/model-metrics")
         with screenshot_on_failure(browser, "child_metrics", tmp_path):
-            for metric in ("train_loss", "test_acc"):  # the first charts; the rest are drawn when scrolled to
-                wait_for(browser, text_shown(metric), f"no {metric} chart")
-            wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "svg.main-svg"), "no chart drawn")
-            browser.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']").send_keys("val_")
-            for metric in ("val_acc", "val_loss"):
-                wait_for(browser, text_shown(metric), f"no {metric} chart")
+            # the probe's groups come first (the UI sorts prefixed groups before the unprefixed metrics) and
+            # charts are drawn only when scrolled to: find the training metrics as a user does, by search
+            search = wait_for(
+                browser,
+                lambda d: d.find_elements(By.CSS_SELECTOR, "input[placeholder='Search metric charts']"),
+                "no chart search box",
+            )[0]
+            for query, metrics in (("_loss", ("train_loss", "val_loss", "test_loss")), ("_acc", ("train_acc", "val_acc", "test_acc"))):
+                search.send_keys(Keys.CONTROL, "a")
+                search.send_keys(query)
+                for metric in metrics:
+                    wait_for(browser, text_shown(metric), f"no {metric} chart")
+                wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "svg.main-svg"), "no chart drawn")
         browser.get(f"{server.uri}/{experiment_page}/runs/{child.info.run_id}/artifacts")
         with screenshot_on_failure(browser, "child_artifacts", tmp_path):
             for artifact in ("config.yaml", "learning_curves.png"):

@@ -25,7 +25,7 @@ def source_indices(x: torch.Tensor, data: DataSplits) -> list[int]:
 
 
 def test_read_idx_parses_the_files(tiny_mnist_root: Path) -> None:
-    images, labels = read_idx("mnist", tiny_mnist_root, train=True, download=False)
+    images, labels = read_idx("mnist", tiny_mnist_root, train=True)
     assert images.shape == (TINY_TRAIN, 28, 28) and images.dtype == torch.uint8
     assert labels.shape == (TINY_TRAIN,) and labels.dtype == torch.int64
     # the class bar of the first image sits at row 4 + 2 * label

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO_ROOT, compose_config, sqlite_uri, tiny_overrides
+from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from torch import nn
@@ -19,6 +21,7 @@ from mlpsweep.cli import train
 from mlpsweep.config import CONFIG_DIR
 from mlpsweep.lecture import BN_PRESETS, batchnorm_question, dropout_question, preset_axes, verdict
 from mlpsweep.model import build_model, count_parameters
+from mlpsweep.sweep import job_overrides
 
 # preset: (Linear shapes (in, out), bias, activation, norm, dropout p, epochs, parameters counted by hand)
 LECTURE = {
@@ -63,9 +66,18 @@ def test_every_preset_trains_one_tiny_epoch(preset: str, tiny_cfg: Callable[...,
     assert 0 <= train(cfg) <= 1
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_its_sweep(experiment: str, tiny_mnist_root: Path, tmp_path: Path) -> None:
+def test_every_experiment_is_a_sweep_of_its_presets(experiment: str) -> None:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        jobs = job_overrides(cfg)
+    expected = {"lecture/bn_ablation": 6, "lecture/all": 9}[experiment]
+    assert cfg.hydra.mode == RunMode.MULTIRUN and len(jobs) == expected and len({tuple(j) for j in jobs}) == expected
+
+
+@pytest.mark.slow
+def test_the_whole_lecture_runs_as_one_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    experiment = "lecture/all"
     command = [sys.executable, str(REPO_ROOT / "train.py"), f"experiment={experiment}"]
     command += tiny_overrides(tiny_mnist_root, tmp_path) + ["trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -75,9 +87,7 @@ def test_every_experiment_runs_its_sweep(experiment: str, tiny_mnist_root: Path,
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == len(children) + 1
     assert all(r.info.status == "FINISHED" for r in runs)
-    expected = {"lecture/bn_ablation": 6, "lecture/all": 9}[experiment]
-    assert len(children) == expected
-    assert len({r.info.run_name for r in children}) == expected
+    assert len(children) == len({r.info.run_name for r in children}) == 9
 
 
 def test_verdict_uses_the_prediction_interval_of_one_new_run() -> None:

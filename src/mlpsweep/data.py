@@ -1,7 +1,7 @@
 """Load an MNIST-format dataset once into normalised tensors on the training device.
 
-torchvision parses the IDX files (and downloads missing ones when asked, into a temporary folder
-first); everything after that is plain tensor work: a seeded train/validation split, flattening to
+The IDX files are checked (headers against sizes, labels) and parsed here; torchvision only
+downloads missing ones when asked, into a temporary folder first. Everything after that is plain tensor work: a seeded train/validation split, flattening to
 784 features in [0, 1], and (by default) normalisation by the training images' mean and standard
 deviation.
 """
@@ -17,16 +17,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchvision import datasets
 
 from mlpsweep.config import require
 
-DATASETS: dict[str, type[datasets.MNIST]] = {
-    "mnist": datasets.MNIST,
-    "fashion_mnist": datasets.FashionMNIST,
-    "kmnist": datasets.KMNIST,
+# data.name -> the torchvision dataset that downloads it, by name (also its folder under data.root)
+DATASETS: dict[str, str] = {
+    "mnist": "MNIST",
+    "fashion_mnist": "FashionMNIST",
+    "kmnist": "KMNIST",
 }
 NUM_CLASSES = 10
 # seconds a download waits for the network at a time (to connect, or for the next bytes): a machine
@@ -75,7 +76,7 @@ class DataSplits:
 
 
 def raw_folder(name: str, root: str | Path) -> Path:
-    return Path(root) / DATASETS[name].__name__ / "raw"
+    return Path(root) / DATASETS[name] / "raw"
 
 
 def dataset_digest(name: str, root: str | Path) -> str:
@@ -93,7 +94,7 @@ def dataset_digest(name: str, root: str | Path) -> str:
 def _hint(name: str, root: str | Path) -> str:
     return (
         f"data.root={str(root)!r}: point MNIST_ROOT (or data.root) at the folder that contains "
-        f"{DATASETS[name].__name__}/raw/"
+        f"{DATASETS[name]}/raw/"
     )
 
 
@@ -134,10 +135,12 @@ def download(name: str, root: str | Path, files: list[str]) -> None:
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen takes no timeout of its own
     try:
-        DATASETS[name](root=str(staging), train=False, download=True)
+        from torchvision import datasets  # here, not at the top: it costs every process seconds (torch._dynamo)
+
+        getattr(datasets, DATASETS[name])(root=str(staging), train=False, download=True)
     except Exception as err:  # whatever failed (network, server, checksum, disk) is one line
         cause = " ".join(f"{type(err).__name__}: {err}".split())
-        failed = f"downloading {DATASETS[name].__name__} failed, nothing was written"
+        failed = f"downloading {DATASETS[name]} failed, nothing was written"
         raise DataError(f"{_hint(name, root)}; {failed}: {cause}") from err
     else:
         folder = raw_folder(name, root)
@@ -182,13 +185,15 @@ def check_data_files(cfg: DictConfig) -> int:
     return min(n - cfg.val_size, cfg.limit_train or n)
 
 
-def read_idx(name: str, root: str | Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw uint8 images [n, 28, 28] and int64 labels of one torchvision MNIST-format dataset."""
-    try:
-        dataset = DATASETS[name](root=str(root), train=train, download=download)
-    except (RuntimeError, ValueError) as err:  # torchvision: "Dataset not found", a failed download, a bad file
-        raise DataError(f"{_hint(name, root)}; reading {raw_folder(name, root).resolve()} failed: {err}") from err
-    return dataset.data, dataset.targets.long()
+def read_idx(name: str, root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw uint8 images [n, rows, cols] and int64 labels of the training (or test) part of an
+    MNIST-format dataset, parsed from its IDX files (which `check_data_files` has checked)."""
+    folder, prefix = raw_folder(name, root), "train" if train else "t10k"
+    image_bytes = (folder / f"{prefix}-images-idx3-ubyte").read_bytes()
+    n, rows, cols = struct.unpack(">3I", image_bytes[4:16])
+    images = np.frombuffer(image_bytes, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+    labels = np.frombuffer((folder / f"{prefix}-labels-idx1-ubyte").read_bytes(), dtype=np.uint8, offset=8)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
 def _flatten(images: torch.Tensor) -> torch.Tensor:
@@ -198,8 +203,8 @@ def _flatten(images: torch.Tensor) -> torch.Tensor:
 def load_splits(cfg: DictConfig, device: torch.device) -> DataSplits:
     """Train/validation/test splits of `cfg` (the `data` node), normalised and on `device`."""
     check_data_files(cfg)
-    train_images, train_labels = read_idx(cfg.name, cfg.root, train=True, download=cfg.download)
-    test_images, test_labels = read_idx(cfg.name, cfg.root, train=False, download=cfg.download)
+    train_images, train_labels = read_idx(cfg.name, cfg.root, train=True)
+    test_images, test_labels = read_idx(cfg.name, cfg.root, train=False)
 
     n = train_labels.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
