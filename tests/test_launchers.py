@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlpsweep.tracking import FAILED_JOB_TAG_PREFIX, ROLE_TAG
 
 pytestmark = pytest.mark.slow
-SMALL = ["depth.widths=[32]", "trainer.max_epochs=1"]
+SMALL = ["depth.widths=[32]", "trainer.max_epochs=1", "probe.enabled=false"]  # the probe is tested elsewhere
 
 
 def train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -43,7 +43,7 @@ def sweep_runs(client: MlflowClient):
 
 
 def test_multirun_makes_one_parent_with_a_child_per_job(tiny_mnist_root: Path, tmp_path: Path) -> None:
-    args = ["activation=sigmoid,relu", "norm=none,batchnorm", "trainer.max_epochs=1", "data.limit_train=300"]
+    args = ["activation=sigmoid,relu", "norm=none,batchnorm", "trainer.max_epochs=1", "data.limit_train=300", "probe.enabled=false"]
     result = run_train(tiny_overrides(tiny_mnist_root) + args + [f"hydra.sweep.dir={tmp_path / 'multirun'}"], cwd=tmp_path)
     assert result.returncode == 0
 
@@ -81,7 +81,7 @@ def test_multirun_makes_one_parent_with_a_child_per_job(tiny_mnist_root: Path, t
 
 def test_failing_jobs_are_listed_and_the_sweep_goes_on(tiny_mnist_root: Path, tmp_path: Path) -> None:
     # lr=1e30 diverges inside its run (jobs 2 and 3); the other jobs still run and finish
-    args = ["optimizer.lr=0.1,1e30", "seed=0,1", "trainer.max_epochs=1"]
+    args = ["optimizer.lr=0.1,1e30", "seed=0,1", "trainer.max_epochs=1", "probe.enabled=false"]
     result = run_train(
         tiny_overrides(tiny_mnist_root) + args + [f"hydra.sweep.dir={tmp_path / 'multirun'}"],
         cwd=tmp_path,
