@@ -60,23 +60,31 @@ def build_schedule(
     cfg: DictConfig, optimizer: torch.optim.Optimizer, max_epochs: int, steps_per_epoch: int
 ) -> Schedule:
     """The schedule `cfg` (the `scheduler` node) describes, over `max_epochs` epochs of
-    `steps_per_epoch` training steps."""
+    `steps_per_epoch` training steps; SCHEDULERS says whether it steps per training step."""
     options = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(options, dict)
     name = options.pop("name")
-    if name == "none":
-        return Schedule(None, per_step=False)
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler.name={name!r}: must be one of {', '.join(SCHEDULERS)}")
+    scheduler = _torch_scheduler(name, options, optimizer, max_epochs, steps_per_epoch)
+    return Schedule(scheduler, per_step=SCHEDULERS[name], monitor=options.get("monitor"))
+
+
+def _torch_scheduler(
+    name: str, options: dict[str, Any], optimizer: torch.optim.Optimizer, max_epochs: int, steps_per_epoch: int
+) -> lr_scheduler.LRScheduler | lr_scheduler.ReduceLROnPlateau | None:
+    """The torch.optim.lr_scheduler that scheduler `name` with `options` stands for (None: a constant rate)."""
     if name == "step":
-        return Schedule(lr_scheduler.StepLR(optimizer, options["step_size"], options["gamma"]), per_step=False)
+        return lr_scheduler.StepLR(optimizer, options["step_size"], options["gamma"])
     if name == "cosine":
         warmup = options["warmup_epochs"]
         cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs - warmup, eta_min=options["min_lr"])
         if warmup == 0:
-            return Schedule(cosine, per_step=False)
+            return cosine
         ramp = lr_scheduler.LinearLR(optimizer, start_factor=options["warmup_start_factor"], total_iters=warmup)
-        return Schedule(lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup]), per_step=False)
+        return lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
     if name == "onecycle":
-        onecycle = lr_scheduler.OneCycleLR(
+        return lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=options["max_lr"],
             total_steps=max_epochs * steps_per_epoch,
@@ -86,9 +94,8 @@ def build_schedule(
             final_div_factor=options["final_div_factor"],
             cycle_momentum=False,  # plain SGD has none, and a CUDA graph step reads only the rate
         )
-        return Schedule(onecycle, per_step=True)
     if name == "plateau":
-        plateau = lr_scheduler.ReduceLROnPlateau(
+        return lr_scheduler.ReduceLROnPlateau(
             optimizer,
             mode=MONITORS[options["monitor"]],
             factor=options["factor"],
@@ -96,5 +103,4 @@ def build_schedule(
             threshold=options["threshold"],
             min_lr=options["min_lr"],
         )
-        return Schedule(plateau, per_step=False, monitor=options["monitor"])
-    raise ValueError(f"scheduler.name={name!r}: must be one of {', '.join(SCHEDULERS)}")
+    return None
