@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict, read_write
 
-from mlpsweep.adaptive import STOP_REASON_TAG, plan_round, stop_reason
+from mlpsweep.adaptive import STOP_REASON_TAG, AdaptiveSeeds, plan_round, stop_reason
 from mlpsweep.config import CONFIG_DIR, ConfigError
 from mlpsweep.sweep import ADAPTIVE_SWEEPER, BASIC_SWEEPER, job_overrides, sweep_key
 from mlpsweep.tracking import FAILED_JOB_TAG_PREFIX, ROLE_TAG
@@ -27,7 +27,7 @@ CELLS = [("sigmoid",), ("tanh",), ("relu",)]  # sigmoid is the report's baseline
 def runs_of(values: dict[tuple[str, ...], list[float]], factors: list[str] = FACTORS) -> pd.DataFrame:
     """One row per run: seeds 0, 1, ... of each config in turn."""
     rows = [(*cell, seed, acc) for cell, accs in values.items() for seed, acc in enumerate(accs)]
-    return pd.DataFrame(rows, columns=[*factors, "seed", "test_acc"])
+    return pd.DataFrame(rows, columns=[*factors, "seed", "accuracy/test"])
 
 
 # sigmoid and tanh are tight (their paired differences spread over 0.04 pp), relu is noisy (10 pp)
@@ -100,10 +100,22 @@ def test_the_sweeper_is_registered_and_its_jobs_are_checked_up_to_max_seeds() ->
         cfg = adaptive_config("hydra.sweeper.max_seeds=3", "norm=batchnorm", params={"activation": "relu,tanh"})
         sweeper = cfg.hydra.sweeper
         assert sweeper._target_ == ADAPTIVE_SWEEPER
-        assert (sweeper.min_seeds, sweeper.precision_pp, sweeper.metric) == (2, 0.5, "test_acc")
+        assert (sweeper.min_seeds, sweeper.precision_pp, sweeper.metric) == (2, 0.5, "accuracy/test")
         assert job_overrides(cfg) == [
             [f"activation={act}", "norm=batchnorm", f"seed={seed}"] for act in ("relu", "tanh") for seed in range(3)
         ]
+
+
+def test_the_metric_is_an_mlflow_key_or_its_older_name() -> None:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for metric in ("accuracy/val", "val_acc"):
+            cfg = adaptive_config(f"hydra.sweeper.metric={metric}", params={"activation": "relu,tanh"})
+            assert len(job_overrides(cfg)) == 20  # accepted: 2 configs x max_seeds
+    assert AdaptiveSeeds(2, 10, 0.5, "val_acc").metric == "accuracy/val"  # what it reads from the store
+    # the planning reads either name of the column
+    assert plan_round(runs_of(SYNTHETIC).rename(columns={"accuracy/test": "test_acc"}), FACTORS, CELLS, 0.5, 4).next_seeds == {
+        ("sigmoid",): 3, ("relu",): 2
+    }  # fmt: skip
 
 
 def test_an_adaptive_sweep_is_not_the_grid_of_the_same_overrides() -> None:
@@ -123,7 +135,8 @@ def test_an_adaptive_sweep_is_not_the_grid_of_the_same_overrides() -> None:
         (["hydra.sweeper.min_seeds=1"], None, "hydra.sweeper.min_seeds=1: must be at least 2"),
         (["hydra.sweeper.max_seeds=1"], None, "hydra.sweeper.max_seeds=1: must be at least hydra.sweeper.min_seeds"),
         (["hydra.sweeper.precision_pp=0"], None, "hydra.sweeper.precision_pp=0.0: must be a positive number of pp"),
-        (["hydra.sweeper.metric=test_loss"], None, "hydra.sweeper.metric='test_loss': must be one of test_acc"),
+        (["hydra.sweeper.metric=loss/test"], None, "hydra.sweeper.metric='loss/test': must be one of accuracy/test"),
+        (["hydra.sweeper.metric=test_loss"], None, "hydra.sweeper.metric='test_loss': must be one of accuracy/test"),
     ],
 )
 def test_bad_settings_name_the_key(overrides: list[str], params: dict | None, message: str) -> None:

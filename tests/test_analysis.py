@@ -190,6 +190,11 @@ def test_unpaired_when_the_seeds_differ() -> None:
             for i, s in enumerate(seeds)]  # fmt: skip
     row = comparisons(pd.DataFrame(rows), ["norm"], n_resamples=0).iloc[0]
     assert (row.n_pairs, row.test) == (0, "welch") and row.p == row.welch_p
+    # the metric by its MLflow key or its name, whichever the runs' column is
+    by_key = comparisons(pd.DataFrame(rows), ["norm"], metric="accuracy/test", n_resamples=0)
+    renamed = pd.DataFrame(rows).rename(columns={"test_acc": "accuracy/test"})
+    pd.testing.assert_frame_equal(by_key, comparisons(renamed, ["norm"], metric="test_acc", n_resamples=0))
+    assert by_key.iloc[0].p == row.p
 
 
 def test_init_and_scheduler_are_factors_with_their_defaults_as_baselines() -> None:

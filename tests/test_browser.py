@@ -6,6 +6,7 @@ else the test's tmp folder). Skipped where no Chromium is installed, except in C
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,7 +119,6 @@ def test_the_report_shows_every_figure_without_errors(browser, sweep_store: Path
 @pytest.mark.xdist_group(REAL_SWEEP_GROUP)
 def test_the_mlflow_ui_shows_the_sweep_as_model_training(browser, sweep_store: Path, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     client = MlflowClient(sqlite_uri(sweep_store))
     experiment = client.get_experiment_by_name("mlpsweep")
@@ -155,19 +155,14 @@ def test_the_mlflow_ui_shows_the_sweep_as_model_training(browser, sweep_store: P
         # a child's metric charts and its artifacts
         browser.get(f"{server.uri}/{experiment_page}/runs/{child.info.run_id}/model-metrics")
         with screenshot_on_failure(browser, "child_metrics", tmp_path):
-            # the probe's groups come first (the UI sorts prefixed groups before the unprefixed metrics) and
-            # charts are drawn only when scrolled to: find the training metrics as a user does, by search
-            search = wait_for(
-                browser,
-                lambda d: d.find_elements(By.CSS_SELECTOR, "input[placeholder='Search metric charts']"),
-                "no chart search box",
-            )[0]
-            for query, metrics in (("_loss", ("train_loss", "val_loss", "test_loss")), ("_acc", ("train_acc", "val_acc", "test_acc"))):
-                search.send_keys(Keys.CONTROL, "a")
-                search.send_keys(query)
-                for metric in metrics:
-                    wait_for(browser, text_shown(metric), f"no {metric} chart")
-                wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "svg.main-svg"), "no chart drawn")
+            # the UI groups charts by the part of a key before its last "/", sorted by name: the key metrics'
+            # groups accuracy and loss come first, above the probe's, and their charts are drawn on arrival
+            for metric in ("accuracy/train", "accuracy/val", "loss/train", "loss/val"):
+                wait_for(browser, text_shown(f"({metric})"), f"no {metric} chart on arrival")
+            wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "svg.main-svg"), "no chart drawn")
+            page = browser.execute_script("return document.body.innerText")
+            groups = [re.search(rf"^{re.escape(g)}\s*\(\d+\)", page, re.MULTILINE) for g in ("accuracy", "loss", "probe/hidden1")]
+            assert all(groups) and groups[0].start() < groups[1].start() < groups[2].start(), page[:2000]
         browser.get(f"{server.uri}/{experiment_page}/runs/{child.info.run_id}/artifacts")
         with screenshot_on_failure(browser, "child_artifacts", tmp_path):
             for artifact in ("config.yaml", "learning_curves.png"):

@@ -46,7 +46,7 @@ def store_runs(store: str) -> tuple[list, list]:
 def histories(store: str, run_id: str) -> dict[str, list]:
     client = MlflowClient(store)
     return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-            for key in ("train_loss", "val_loss", "val_acc", "test_acc")}  # fmt: skip
+            for key in ("loss/train", "loss/val", "accuracy/val", "accuracy/test")}  # fmt: skip
 
 
 def wait_for_a_checkpoint(process: subprocess.Popen, checkpoints: Path) -> None:
@@ -74,7 +74,7 @@ def test_ctrl_c_pauses_the_sweep_and_resume_completes_it_under_one_parent(tiny_m
     (killed,) = children  # the first job stopped at a step boundary; no other job started
     assert killed.info.status == "KILLED" and "SIGINT" in killed.data.tags[ERROR_TAG]
     assert any((tmp_path / "checkpoints").glob("*.pt"))  # its last epoch's checkpoint stays
-    epochs_before = len(histories(store, killed.info.run_id)["val_acc"])
+    epochs_before = len(histories(store, killed.info.run_id)["accuracy/val"])
     assert 1 <= epochs_before < EPOCHS
 
     result = run(sweep + ["resume=true"], tmp_path)

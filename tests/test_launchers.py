@@ -49,7 +49,7 @@ def test_optuna_search_survives_failed_trials(tiny_mnist_root: Path, tmp_path: P
     assert len(failed) == statuses.count("FAILED") and parent.info.status == "FAILED"
     results = yaml.safe_load((tmp_path / "m" / "optimization_results.yaml").read_text())
     assert results["best_params"]["optimizer.lr"] == 0.1
-    best = max(c.data.metrics["val_acc"] for c in children if c.info.status == "FINISHED")
+    best = max(c.data.metrics["accuracy/val"] for c in children if c.info.status == "FINISHED")
     assert results["best_value"] == pytest.approx(best)
 
 
@@ -84,5 +84,5 @@ def test_parallel_sweep_against_an_mlflow_server(tiny_mnist_root: Path, tmp_path
         client = MlflowClient(uri)
         parent, children = parent_and_children(client)
         assert parent.info.status == "FINISHED" and len(children) == 4
-        assert all(c.info.status == "FINISHED" and "test_acc" in c.data.metrics for c in children)
+        assert all(c.info.status == "FINISHED" and "accuracy/test" in c.data.metrics for c in children)
         assert "config.yaml" in {a.path for a in client.list_artifacts(children[0].info.run_id)}  # proxied artifacts

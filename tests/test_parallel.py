@@ -45,8 +45,8 @@ def check_store(store_dir: Path, parents: int, children_per_parent: int) -> None
         assert len(children) == children_per_parent
         for child in children:
             assert child.info.status == "FINISHED"
-            assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1, 2]
-            assert "test_acc" in child.data.metrics
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "accuracy/val")] == [1, 2]
+            assert "accuracy/test" in child.data.metrics
     assert len(runs) == parents * (children_per_parent + 1)
 
 

@@ -76,8 +76,8 @@ def test_joblib_sweep_against_a_postgres_backed_server(
         for child in children:
             assert child.info.status == "FINISHED"
             assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-            assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1]
-            assert "test_acc" in child.data.metrics
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "accuracy/val")] == [1]
+            assert "accuracy/test" in child.data.metrics
         assert "config.yaml" in {a.path for a in client.list_artifacts(children[0].info.run_id)}  # proxied artifacts
 
     # the runs are rows in PostgreSQL, not in some SQLite file the server fell back to

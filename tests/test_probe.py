@@ -88,7 +88,7 @@ def test_a_run_logs_probe_metrics_every_epoch_and_its_figures(tiny_cfg: Callable
     counts = [[int(n) for n in row.split(",")[1:]] for row in rows[1:]]
     assert len(counts) == 10 and sum(map(sum, counts)) == TINY_TEST
     correct = sum(counts[i][i] for i in range(10))
-    assert correct / TINY_TEST == pytest.approx(run.data.metrics["test_acc"])
+    assert correct / TINY_TEST == pytest.approx(run.data.metrics["accuracy/test"])
 
 
 def test_probing_can_be_switched_off(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 from conftest import REAL_SWEEP_GROUP, REPO_ROOT, free_port, sqlite_uri
 from mlflow.tracking import MlflowClient
 
+from mlpsweep.engine import metric_key
 from mlpsweep.report import (
     MAX_NAME,
     ReportError,
@@ -37,8 +39,9 @@ KNOWN = {
 }
 
 
-def fill_store(tmp_path: Path) -> MlflowClient:
-    """A sweep of 12 finished runs with the KNOWN accuracies, one diverged run and one pre-run failure."""
+def fill_store(tmp_path: Path, stored_as: Callable[[str], str] = metric_key) -> MlflowClient:
+    """A sweep of 12 finished runs with the KNOWN accuracies, one diverged run and one pre-run failure,
+    its metrics stored under `stored_as(name)` (str: the names of a store written before the MLflow keys)."""
     client = MlflowClient(sqlite_uri(tmp_path))
     experiment_id = get_or_create_experiment(client, "mlpsweep")
     parent = client.create_run(experiment_id, run_name="known-sweep", tags={ROLE_TAG: "sweep"})
@@ -56,10 +59,10 @@ def fill_store(tmp_path: Path) -> MlflowClient:
         for seed, acc in enumerate(accs):
             run_id = child(f"{activation}-{norm}-s{seed}", activation, norm, seed, "FINISHED")
             for epoch, val_acc in enumerate([acc - 0.02, acc - 0.01], start=1):
-                for key, value in (("val_acc", val_acc), ("train_acc", val_acc + 0.01), ("val_loss", 0.3), ("train_loss", 0.2), ("epoch_time_s", 2.0)):
-                    client.log_metric(run_id, key, value, step=epoch)
-            client.log_metric(run_id, "test_acc", acc)
-            client.log_metric(run_id, "test_loss", 1 - acc)
+                for name, value in (("val_acc", val_acc), ("train_acc", val_acc + 0.01), ("val_loss", 0.3), ("train_loss", 0.2), ("epoch_time_s", 2.0)):
+                    client.log_metric(run_id, stored_as(name), value, step=epoch)
+            client.log_metric(run_id, stored_as("test_acc"), acc)
+            client.log_metric(run_id, stored_as("test_loss"), 1 - acc)
             client.set_terminated(run_id, "FINISHED")
     diverged = child("relu-none-lr-huge", "relu", "none", 3, "FAILED")
     client.set_tag(diverged, ERROR_TAG, "DivergenceError: loss diverged to nan at epoch 1, step 7")
@@ -161,6 +164,18 @@ def assert_tables_agree(out: Path, runs: pd.DataFrame) -> None:
         assert f'href="{name}"' in page and f"]({name})" in markdown
 
 
+def test_a_store_with_the_old_metric_names_reads_the_same(known_sweep, tmp_path: Path) -> None:
+    _, sweep = known_sweep
+    (tmp_path / "old").mkdir()
+    client = fill_store(tmp_path / "old", stored_as=str)  # train_loss, val_acc, test_acc, ... as before loss/train, ...
+    old = load_sweep(client, find_sweep(client, client.get_experiment_by_name("mlpsweep").experiment_id, None))
+    numbers = ["run_name", "test_acc", "test_loss", "best_val_acc", "best_epoch", "epochs", "train_val_gap", "s_per_epoch"]
+    pd.testing.assert_frame_equal(old.runs[numbers], sweep.runs[numbers])
+    assert sweep.runs.test_acc.notna().sum() == 12
+    for before, now in zip(old.runs.run_id, sweep.runs.run_id):
+        pd.testing.assert_frame_equal(old.histories[before], sweep.histories[now])
+
+
 def test_a_sweep_of_one_run(tmp_path: Path) -> None:
     client = MlflowClient(sqlite_uri(tmp_path))
     experiment_id = get_or_create_experiment(client, "mlpsweep")
@@ -168,8 +183,8 @@ def test_a_sweep_of_one_run(tmp_path: Path) -> None:
     run = client.create_run(experiment_id, run_name="relu-none-p0-64-s0", tags={"mlflow.parentRunId": parent.info.run_id})
     for key, value in {"activation": "relu", "norm": "none", "dropout": "0", "depth": "64", "seed": "0"}.items():
         client.log_param(run.info.run_id, key, value)
-    client.log_metric(run.info.run_id, "val_acc", 0.9, step=1)
-    client.log_metric(run.info.run_id, "test_acc", 0.91)
+    client.log_metric(run.info.run_id, "accuracy/val", 0.9, step=1)
+    client.log_metric(run.info.run_id, "accuracy/test", 0.91)
     client.set_terminated(run.info.run_id)
     sweep = load_sweep(client, find_sweep(client, experiment_id, "single"))
     out = write_report(client, sweep, tmp_path / "reports", baselines={})

@@ -81,7 +81,7 @@ def test_a_killed_job_resumes_to_the_metrics_of_an_uninterrupted_run(tiny_mnist_
     assert killed.info.status == "RUNNING"  # SIGKILL: nobody closed the run
     # the checkpoint is written before an epoch's metrics are logged, so 0 logged epochs is possible:
     # the resumed run then logs the epochs it has from the checkpoint
-    epochs_before = len(MlflowClient(sqlite_uri(killed_dir)).get_metric_history(killed.info.run_id, "val_acc"))
+    epochs_before = len(MlflowClient(sqlite_uri(killed_dir)).get_metric_history(killed.info.run_id, "accuracy/val"))
     assert epochs_before < 25 and any(checkpoints.glob("*.pt"))
 
     subprocess.run(command, cwd=killed_dir.parent, check=True, capture_output=True, timeout=600)
@@ -91,11 +91,11 @@ def test_a_killed_job_resumes_to_the_metrics_of_an_uninterrupted_run(tiny_mnist_
     for store, run in ((tmp_path / "whole", whole), (killed_dir, resumed)):
         client = MlflowClient(sqlite_uri(store))
         histories.append({key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-                          for key in ("train_loss", "val_loss", "val_acc", "lr")})  # fmt: skip
+                          for key in ("loss/train", "loss/val", "accuracy/val", "lr")})  # fmt: skip
     assert histories[0] == histories[1]
-    assert len(histories[0]["val_acc"]) == whole.data.metrics["stopped_epoch"] < 25  # stopped early ...
+    assert len(histories[0]["accuracy/val"]) == whole.data.metrics["stopped_epoch"] < 25  # stopped early ...
     assert whole.data.metrics["best_epoch"] < whole.data.metrics["stopped_epoch"]  # ... and tested an earlier epoch
-    for key in ("test_acc", "test_loss", "best_epoch", "stopped_epoch"):
+    for key in ("accuracy/test", "loss/test", "best_epoch", "stopped_epoch"):
         assert resumed.data.metrics[key] == whole.data.metrics[key], key
     assert not any(checkpoints.glob("*.pt"))  # removed once the run finished
 

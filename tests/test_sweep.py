@@ -60,14 +60,14 @@ def test_multirun_makes_one_parent_with_a_child_per_job(tiny_mnist_root: Path, t
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1]
-        assert "test_acc" in child.data.metrics
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "accuracy/val")] == [1]
+        assert "accuracy/test" in child.data.metrics
         assert f"[{child.info.run_name}] Iter: 1 >> T_loss" in result.stdout + result.stderr
 
     # the parent answers "what was this sweep and what won": its axes, its outcome, a description
     parent = parents[0]
     assert parent.data.params == {"activation": "sigmoid,relu", "norm": "none,batchnorm"}
-    accuracies = {c.info.run_name: c.data.metrics["test_acc"] for c in children}
+    accuracies = {c.info.run_name: c.data.metrics["accuracy/test"] for c in children}
     best = max(accuracies, key=accuracies.get)
     assert parent.data.metrics == pytest.approx(
         {"jobs_finished": 4, "jobs_failed": 0, "best_test_acc": accuracies[best], "mean_test_acc": sum(accuracies.values()) / 4}
@@ -119,7 +119,7 @@ def test_mlflow_server_shows_the_sweep(tiny_mnist_root: Path, tmp_path: Path) ->
         parent_name = next(n for n in by_name if n.startswith("sweep-"))
         assert tags["mlflow.parentRunId"] == by_name[parent_name]["info"]["run_id"]
         history = requests.get(
-            f"{api}/metrics/get-history", params={"run_id": child["info"]["run_id"], "metric_key": "val_acc"}
+            f"{api}/metrics/get-history", params={"run_id": child["info"]["run_id"], "metric_key": "accuracy/val"}
         ).json()["metrics"]
         assert [m["step"] for m in history] == [1, 2]
 

@@ -54,10 +54,13 @@ def test_a_run_logs_params_metrics_config_and_model(tiny_cfg: Callable[..., Dict
     assert params["num_params"] == str((784 * 64 + 64) + 2 * 64 + (64 * 32 + 32) + 2 * 32 + (32 * 10 + 10))
     assert params["train_step"] == "backprop"  # plain SGD on the CPU
 
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"):
+    for key in ("loss/train", "accuracy/train", "loss/val", "accuracy/val", "epoch_time_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
-    assert best_val_acc == max(m.value for m in client.get_metric_history(run.info.run_id, "val_acc"))
-    assert 0.5 < run.data.metrics["test_acc"] <= 1 and run.data.metrics["test_loss"] > 0
+    assert best_val_acc == max(m.value for m in client.get_metric_history(run.info.run_id, "accuracy/val"))
+    assert 0.5 < run.data.metrics["accuracy/test"] <= 1 and run.data.metrics["loss/test"] > 0
+    # the run page groups charts by the part of a key before its last "/", sorted by name: accuracy, loss, then the probe
+    groups = sorted({key.rpartition("/")[0] for key in run.data.metrics if "/" in key})
+    assert groups[:2] == ["accuracy", "loss"] and any(group.startswith("probe/") for group in groups[2:])
 
     # the MLflow UI opens the experiment as model training; the run names the data it used
     assert client.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
@@ -89,7 +92,7 @@ def test_a_failing_run_ends_failed_with_the_error(tiny_cfg: Callable[..., DictCo
     assert run.info.status == "FAILED"
     assert "DivergenceError: loss diverged" in run.data.tags[ERROR_TAG]
     assert "traceback.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert client.get_metric_history(run.info.run_id, "train_loss") == []  # no NaN was logged
+    assert client.get_metric_history(run.info.run_id, "loss/train") == []  # no NaN was logged
 
 
 def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -114,7 +117,7 @@ def test_real_mnist_smoke_run(real_mnist_root: Path, tiny_cfg: Callable[..., Dic
     train(tiny_cfg(f"data.root={real_mnist_root}", "data.val_size=6000", "data.limit_train=10000", "trainer.max_epochs=1"))
     _, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["test_acc"] > 0.9
+    assert run.data.metrics["accuracy/test"] > 0.9
 
 
 def test_a_changed_data_file_is_a_new_digest(tiny_mnist_root: Path, tmp_path: Path) -> None:

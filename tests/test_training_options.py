@@ -199,10 +199,10 @@ def test_early_stopping_stops_and_tests_the_best_epochs_weights(
     stopped, one_epoch = client.search_runs(
         [client.get_experiment_by_name("mlpsweep").experiment_id], order_by=["start_time ASC"]
     )
-    assert len(client.get_metric_history(stopped.info.run_id, "val_acc")) == 3
+    assert len(client.get_metric_history(stopped.info.run_id, "accuracy/val")) == 3
     assert (stopped.data.metrics["best_epoch"], stopped.data.metrics["stopped_epoch"]) == (1, 3)
-    assert stopped.data.metrics["test_acc"] == one_epoch.data.metrics["test_acc"]
-    assert stopped.data.metrics["test_loss"] == one_epoch.data.metrics["test_loss"]
+    assert stopped.data.metrics["accuracy/test"] == one_epoch.data.metrics["accuracy/test"]
+    assert stopped.data.metrics["loss/test"] == one_epoch.data.metrics["loss/test"]
     assert "best_epoch" not in one_epoch.data.metrics  # off by default
 
 

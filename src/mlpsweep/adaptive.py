@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mlpsweep import interrupt
 from mlpsweep.checkpoint import config_hash
+from mlpsweep.engine import metric_key
 from mlpsweep.report.analysis import comparisons
 from mlpsweep.sweep import SweepSession, adaptive_grid, current_session, no_idle_workers
 from mlpsweep.tracking import CONFIG_HASH_TAG, latest_attempts
@@ -69,7 +70,7 @@ def plan_round(
     cells: Sequence[Cell],
     precision_pp: float,
     max_seeds: int,
-    metric: str = "test_acc",
+    metric: str = "accuracy/test",
     started: Mapping[Cell, set[int]] | None = None,
 ) -> Plan:
     """The next round, from `runs` (one row per finished run: a column per factor, `seed` and
@@ -141,7 +142,8 @@ class AdaptiveSeeds:
     """The sweeper's work (behind hydra_plugins.mlpsweep_adaptive_seeds, the class Hydra knows)."""
 
     def __init__(self, min_seeds: int, max_seeds: int, precision_pp: float, metric: str) -> None:
-        self.min_seeds, self.max_seeds, self.precision_pp, self.metric = min_seeds, max_seeds, precision_pp, metric
+        self.min_seeds, self.max_seeds, self.precision_pp = min_seeds, max_seeds, precision_pp
+        self.metric = metric_key(metric)  # the MLflow key: accuracy/test also where the config says test_acc
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config

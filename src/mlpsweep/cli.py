@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from mlpsweep import console, interrupt, tracking
+from mlpsweep import console, interrupt, packed, tracking
 from mlpsweep.checkpoint import (
     CheckpointError,
     CheckpointIdentity,
@@ -35,6 +35,7 @@ from mlpsweep.config import CONFIG_DIR, check_group_overrides, launch_dir
 from mlpsweep.data import DataSplits, dataset_digest, load_splits
 from mlpsweep.early_stopping import BestWeights, EarlyStopping
 from mlpsweep.engine import (
+    DivergenceError,
     EpochMetrics,
     build_optimizer,
     confusion_counts,
@@ -47,6 +48,7 @@ from mlpsweep.engine import (
 from mlpsweep.model import build_model, count_parameters
 from mlpsweep.model import summary as model_summary
 from mlpsweep.probe import ActivationProbe
+from mlpsweep.rendering import Figures
 from mlpsweep.schedulers import Schedule, build_schedule
 from mlpsweep.steps import step_kind
 from mlpsweep.sweep import close_sweep, current_session, in_launcher_process, multirun_started, resume_command
@@ -77,17 +79,10 @@ def train(cfg: DictConfig) -> float:
         return tracking.best_metric(cfg, finished.info.run_id, "val_acc")
 
     data = load_splits(cfg.data, device)
+    if (packed_result := packed.current_result()) is not None:  # trained in a pack by the packed launcher
+        return log_packed_member(cfg, packed_result, data, cfg_hash)
 
-    def fresh_state() -> tuple[torch.nn.Module, torch.optim.Optimizer, Schedule, torch.Generator]:
-        """The model, optimizer, learning-rate schedule and batch-order generator a job of this seed starts from."""
-        seed_everything(cfg.seed)
-        model = build_model(cfg, data.num_features, data.num_classes).to(device)
-        optimizer = build_optimizer(cfg.optimizer, model.parameters())
-        steps_per_epoch = len(data.train) // cfg.trainer.batch_size
-        schedule = build_schedule(cfg.scheduler, optimizer, cfg.trainer.max_epochs, steps_per_epoch)
-        return model, optimizer, schedule, torch.Generator(device=device).manual_seed(cfg.seed)
-
-    model, optimizer, schedule, generator = fresh_state()
+    model, optimizer, schedule, generator = fresh_state(cfg, data, device)
     num_params = count_parameters(model)
     identity = CheckpointIdentity(
         tracking_uri=tracking.resolve_tracking_uri(cfg.tracking.uri),
@@ -100,21 +95,15 @@ def train(cfg: DictConfig) -> float:
     resumed = None
     if cfg.resume:
         if not (resumed := resume_from(checkpoint, identity, cfg, model, optimizer, schedule, generator)):
-            model, optimizer, schedule, generator = fresh_state()  # undo what a checkpoint that is not continued restored
+            model, optimizer, schedule, generator = fresh_state(
+                cfg, data, device
+            )  # undo what a checkpoint that is not continued restored
             if unfinished := tracking.unfinished_run(cfg, cfg_hash):  # stopped before its first checkpoint
                 resumed = Resumed(unfinished.info.run_id, history=[])
                 log.info(f"resume: run {resumed.run_id} has no checkpoint; it starts again from epoch 0")
     log.info(f"on {device} ({torch.get_num_threads()} CPU threads): {model_summary(model)}")  # lines_named: the run
     log.debug(f"the model in full:\n{model}")
-    probe = ActivationProbe(
-        model,
-        data.test.x[: cfg.probe.num_samples],
-        cfg.activation.name,
-        cfg.probe.saturation_margin,
-        cfg.probe.bins,
-        y=data.test.y[: cfg.probe.num_samples],
-    )
-
+    probe = new_probe(cfg, model, data)
     train_step = step_kind(model, optimizer, cfg.trainer.fast_step, cfg.trainer.precision)
     try:
         with tracking.job_run(cfg, num_params, train_step, cfg_hash, resumed.run_id if resumed else None) as run:
@@ -127,6 +116,30 @@ def train(cfg: DictConfig) -> float:
     if tracking.parent_run_id() is None:  # a sweep says where to look once it closes
         log.info(tracking.browse_hint(identity.tracking_uri, run.info.experiment_id, run.info.run_name))
     return max(m.val_acc for m in history)
+
+
+def fresh_state(
+    cfg: DictConfig, data: DataSplits, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Schedule, torch.Generator]:
+    """The model, optimizer, learning-rate schedule and batch-order generator a job of this seed starts from."""
+    seed_everything(cfg.seed)
+    model = build_model(cfg, data.num_features, data.num_classes).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    steps_per_epoch = len(data.train) // cfg.trainer.batch_size
+    schedule = build_schedule(cfg.scheduler, optimizer, cfg.trainer.max_epochs, steps_per_epoch)
+    return model, optimizer, schedule, torch.Generator(device=device).manual_seed(cfg.seed)
+
+
+def new_probe(cfg: DictConfig, model: torch.nn.Sequential, data: DataSplits) -> ActivationProbe:
+    """The job's probe: the first `probe.num_samples` test images and their labels."""
+    return ActivationProbe(
+        model,
+        data.test.x[: cfg.probe.num_samples],
+        cfg.activation.name,
+        cfg.probe.saturation_margin,
+        cfg.probe.bins,
+        y=data.test.y[: cfg.probe.num_samples],
+    )
 
 
 class TrainingState(NamedTuple):
@@ -163,7 +176,8 @@ def train_in_run(
     tracking.log_datasets(cfg.data, data, identity.data_digest)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, Path(workdir)) if cfg.probe.enabled else None
+        drawn = Figures(Path(workdir), in_worker=draw_in_worker())
+        probe_log = tracking.ProbeLog(probe, figure_epochs(cfg), title, drawn) if cfg.probe.enabled else None
         if history:
             log.info(f"resume: run {run_id} continues after epoch {len(history)}")
             tracking.log_missing_epochs(history)
@@ -173,32 +187,80 @@ def train_in_run(
         def on_epoch_end(history: list[EpochMetrics]) -> None:
             if stopping.enabled and stopping.restore_best:
                 best.update(history, model)
-            save_checkpoint(checkpoint, identity, run_id, cfg, model, optimizer, generator, history, schedule, best.state)
+            save_checkpoint(
+                checkpoint, identity, run_id, cfg, model, optimizer, generator, history, schedule, best.state
+            )
             metrics = history[-1]
             log.info(metrics.log_line() + (f" lr {metrics.lr:.4g}" if cfg.scheduler.name != "none" else ""))
             tracking.log_epoch(metrics)
             if probe_log:
                 probe_log(metrics.epoch, final=stopping.should_stop(history))
 
-        history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history, schedule)
-        if stopping.enabled:
-            best_epoch = stopping.best_epoch(history)
-            tracking.log_stopping(best_epoch, stopped_epoch=history[-1].epoch)
-            if stopping.restore_best and best_epoch != history[-1].epoch:
-                best.restore(model)
-                log.info(f"early stopping: testing the weights of epoch {best_epoch}, the best {stopping.monitor}")
-        test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size, cfg.trainer.precision)
-        log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
-        tracking.log_test(test_loss, test_acc)
-        confusion = confusion_counts(
-            model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision
-        )
-        tracking.log_run_figures(history, confusion, title)
-        if probe_log:
-            probe_log.finish(run_seconds=time.perf_counter() - start)
-        if cfg.tracking.log_model:
-            tracking.log_model(model, data.test.x[:5])
+        try:
+            history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history, schedule)
+        except DivergenceError:
+            drawn.log_all()  # the probe's figures up to the divergence
+            raise
+        if stopping.enabled and stopping.restore_best and stopping.best_epoch(history) != history[-1].epoch:
+            best.restore(model)
+        test_and_log(cfg, model, data, history, probe_log, drawn, run_seconds=time.perf_counter() - start)
     return history
+
+
+def test_and_log(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    data: DataSplits,
+    history: list[EpochMetrics],
+    probe_log: tracking.ProbeLog | None,
+    drawn: Figures,
+    run_seconds: float,
+) -> None:
+    """The end of a job's run, its model trained (holding the best epoch's weights where early
+    stopping restores them): where it stopped, the test pass, the figures, the probe and the model
+    (logged while `drawn` draws the figures; they are logged last)."""
+    stopping = EarlyStopping.from_config(cfg.trainer.early_stopping)
+    if stopping.enabled:
+        best_epoch = stopping.best_epoch(history)
+        tracking.log_stopping(best_epoch, stopped_epoch=history[-1].epoch)
+        if stopping.restore_best and best_epoch != history[-1].epoch:
+            log.info(f"early stopping: testing the weights of epoch {best_epoch}, the best {stopping.monitor}")
+    test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size, cfg.trainer.precision)
+    log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
+    tracking.log_test(test_loss, test_acc)
+    confusion = confusion_counts(model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision)
+    tracking.log_run_figures(history, confusion, tracking.run_name(cfg), drawn)
+    if probe_log:
+        probe_log.finish(run_seconds=run_seconds)
+    if cfg.tracking.log_model:
+        tracking.log_model(model, data.test.x[:5])
+    drawn.log_all()
+
+
+def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSplits, cfg_hash: str) -> float:
+    """Log a member that the packed launcher trained as an ordinary run: its params, its epochs, its
+    probe, then (unless it failed) the test pass, figures and model; return its best validation accuracy."""
+    model = result.model
+    log.info(f"trained in a pack of {result.pack_size} ({result.train_step}): {model_summary(model)}")
+    with tracking.job_run(cfg, count_parameters(model), result.train_step, cfg_hash):
+        tracking.log_datasets(cfg.data, data, dataset_digest(cfg.data.name, cfg.data.root))
+        with tempfile.TemporaryDirectory() as workdir:
+            drawn = Figures(Path(workdir), in_worker=draw_in_worker())
+            probe_log = None
+            if cfg.probe.enabled:
+                title = tracking.run_name(cfg)
+                probe_log = tracking.ProbeLog(new_probe(cfg, model, data), figure_epochs(cfg), title, drawn)
+                probe_log.seconds = result.probe_seconds
+                for snapshot in result.snapshots:
+                    probe_log.record(snapshot)
+            for metrics in result.history:
+                log.info(metrics.log_line())
+            tracking.log_epochs(result.history)
+            if result.error is not None:
+                drawn.log_all()
+                raise result.error
+            test_and_log(cfg, model, data, result.history, probe_log, drawn, result.train_seconds)
+    return max(m.val_acc for m in result.history)
 
 
 def resume_from(
@@ -238,6 +300,12 @@ def parallel_jobs() -> int | None:
     if not HydraConfig.initialized():
         return None
     return HydraConfig.get().launcher.get("n_jobs")
+
+
+def draw_in_worker() -> bool:
+    """Whether a job's figures are drawn in a worker process (mlpsweep.rendering): in a sweep whose
+    jobs run one after another in the launcher's process, where the worker overlaps the next work."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and in_launcher_process()
 
 
 def figure_epochs(cfg: DictConfig) -> set[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mlpsweep.config import require
 
@@ -79,8 +79,25 @@ def raw_folder(name: str, root: str | Path) -> Path:
     return Path(root) / DATASETS[name] / "raw"
 
 
+def _file_stats(name: str, root: str | Path) -> tuple[tuple[str, int, int, int], ...]:
+    """Name, inode, size and modification time of each IDX file: what says a file was changed."""
+    stats = [(file, (raw_folder(name, root) / file).stat()) for file in IDX_FILES]
+    return tuple((file, st.st_ino, st.st_size, st.st_mtime_ns) for file, st in stats)
+
+
+_digests: dict[tuple, str] = {}  # (name, root, file stats) -> digest, for the jobs of one process
+
+
 def dataset_digest(name: str, root: str | Path) -> str:
-    """A short sha256 hex of the contents of the dataset's four IDX files (each preceded by its name and size)."""
+    """A short sha256 hex of the contents of the dataset's four IDX files (each preceded by its name
+    and size); computed once per process for files of unchanged size and modification time."""
+    key = (name, str(root), _file_stats(name, root))
+    if key not in _digests:
+        _digests[key] = _digest(name, root)
+    return _digests[key]
+
+
+def _digest(name: str, root: str | Path) -> str:
     digest = hashlib.sha256()
     for file_name in IDX_FILES:
         path = raw_folder(name, root) / file_name
@@ -92,10 +109,7 @@ def dataset_digest(name: str, root: str | Path) -> str:
 
 
 def _hint(name: str, root: str | Path) -> str:
-    return (
-        f"data.root={str(root)!r}: point MNIST_ROOT (or data.root) at the folder that contains "
-        f"{DATASETS[name]}/raw/"
-    )
+    return f"data.root={str(root)!r}: point MNIST_ROOT (or data.root) at the folder that contains {DATASETS[name]}/raw/"
 
 
 def _is_complete_idx(path: Path, magic: int, dims: int) -> bool:
@@ -175,7 +189,9 @@ def check_data_files(cfg: DictConfig) -> int:
         download(cfg.name, cfg.root, missing)
     for name, (magic, dims) in IDX_FILES.items():
         if not _is_complete_idx(folder / name, magic, dims):
-            raise DataError(f"{_hint(cfg.name, cfg.root)}; {folder / name} is not a complete IDX file (corrupt or truncated)")
+            raise DataError(
+                f"{_hint(cfg.name, cfg.root)}; {folder / name} is not a complete IDX file (corrupt or truncated)"
+            )
     for prefix in ("train", "t10k"):
         if found := _label_problem(folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte"):
             raise DataError(f"{_hint(cfg.name, cfg.root)}; {found}")
@@ -200,9 +216,25 @@ def _flatten(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(images.shape[0], -1).float().div_(255.0)
 
 
+# the splits last loaded, by what they were loaded from: jobs run one after another in one process
+# (the basic and packed launchers) share them
+_last_loaded: tuple[tuple, DataSplits] | None = None
+
+
 def load_splits(cfg: DictConfig, device: torch.device) -> DataSplits:
-    """Train/validation/test splits of `cfg` (the `data` node), normalised and on `device`."""
+    """Train/validation/test splits of `cfg` (the `data` node), normalised and on `device`; the
+    same splits as the last call's when the config, the device and the IDX files (their sizes and
+    modification times) are the same as then. Nobody writes into them."""
+    global _last_loaded
     check_data_files(cfg)
+    key = (OmegaConf.to_yaml(cfg, resolve=True), str(device), _file_stats(cfg.name, cfg.root))
+    if _last_loaded is None or _last_loaded[0] != key:
+        _last_loaded = None  # free the old splits before loading new ones
+        _last_loaded = (key, _read_splits(cfg, device))
+    return _last_loaded[1]
+
+
+def _read_splits(cfg: DictConfig, device: torch.device) -> DataSplits:
     train_images, train_labels = read_idx(cfg.name, cfg.root, train=True)
     test_images, test_labels = read_idx(cfg.name, cfg.root, train=False)
 

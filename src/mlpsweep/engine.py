@@ -49,6 +49,26 @@ class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+# The MLflow key of each train/validation/test metric, by its name here (EpochMetrics' fields, the
+# monitors of early stopping and the plateau scheduler). The run page's Model metrics tab groups
+# charts by the part of a key before its last `/` and sorts the groups by name, so "accuracy" and
+# "loss" come before the probe's "probe/hidden1", ... Stores written before these keys use the names.
+METRIC_NAMES = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "test_loss": "loss/test",
+    "train_acc": "accuracy/train",
+    "val_acc": "accuracy/val",
+    "test_acc": "accuracy/test",
+}
+
+
+def metric_key(name: str) -> str:
+    """The MLflow key of a metric given by its name here or its key: val_acc -> accuracy/val,
+    accuracy/val -> accuracy/val, lr -> lr."""
+    return METRIC_NAMES.get(name, name)
+
+
 @dataclass(frozen=True)
 class EpochMetrics:
     epoch: int
@@ -60,10 +80,10 @@ class EpochMetrics:
     lr: float | None = None  # the learning rate the epoch started with (None: not recorded, older checkpoints)
 
     def metrics(self) -> dict[str, float]:
-        """Everything but the epoch number, keyed by MLflow metric name."""
+        """Everything but the epoch number, keyed by MLflow metric key (METRIC_NAMES)."""
         values = asdict(self)
         del values["epoch"]
-        return {key: value for key, value in values.items() if value is not None}
+        return {metric_key(name): value for name, value in values.items() if value is not None}
 
     def log_line(self) -> str:
         """The lecture's per-epoch line."""
@@ -265,7 +285,7 @@ def fit(
         epoch = len(history) + 1
         metrics = fit_epoch(model, step, data, cfg, generator, epoch, current_lr(optimizer), after_step)
         history.append(metrics)
-        schedule.after_epoch(metrics.metrics())
+        schedule.after_epoch(asdict(metrics))
         if on_epoch_end is not None:
             on_epoch_end(history)
     if stopping.should_stop(history):

@@ -29,7 +29,8 @@ def draw_histogram(ax: plt.Axes, edges: Sequence[float], counts: Sequence[int], 
 
 def learning_curves(history: Sequence[EpochMetrics], title: str) -> Figure:
     epochs = [m.epoch for m in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.88, wspace=0.22)  # fixed: no layout engine to run
     loss_ax.plot(epochs, [m.train_loss for m in history], "o-", label="train")
     loss_ax.plot(epochs, [m.val_loss for m in history], "o-", label="validation")
     acc_ax.plot(epochs, [m.train_acc for m in history], "o-", label="train")
@@ -44,7 +45,8 @@ def learning_curves(history: Sequence[EpochMetrics], title: str) -> Figure:
 
 def confusion_matrix(counts: np.ndarray, title: str) -> Figure:
     """Rows: true class, columns: predicted class; cells annotated with their counts."""
-    fig, ax = plt.subplots(figsize=(6.5, 5.5), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.92)
     image = ax.imshow(np.log1p(counts), cmap="Blues")
     for (true, pred), count in np.ndenumerate(counts):
         color = "white" if image.norm(np.log1p(count)) > 0.6 else "black"
@@ -81,13 +83,14 @@ def gradient_norms(norms: dict[int, dict[str, float]], title: str) -> Figure:
     gradients vanishing towards the input read as a slope."""
     epochs = sorted(norms)
     layers = list(norms[epochs[0]])
-    fig, (time_ax, depth_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, (time_ax, depth_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.85, wspace=0.25)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(layers)))
     for layer, color in zip(layers, colors):
         time_ax.plot(epochs, [norms[e].get(layer, np.nan) for e in epochs], "o-", color=color, label=layer, ms=3)
     time_ax.set(xlabel="epoch", ylabel="||dL/dW||", yscale="log", title="weight-gradient norm per layer")
     time_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.legend(loc="outside right upper", fontsize=8)
+    time_ax.legend(fontsize=8)
     positions = range(1, len(layers) + 1)
     for epoch, style in ((epochs[0], "o--"), (epochs[-1], "o-")):
         depth_ax.plot(positions, [norms[epoch].get(layer, np.nan) for layer in layers], style, label=f"epoch {epoch}")

@@ -44,6 +44,7 @@ from mlpsweep.checkpoint import NOT_HASHED, config_hash
 from mlpsweep.checks import INPUT_ERRORS, check_job_inputs, check_tracking_server
 from mlpsweep.config import ConfigError, require
 from mlpsweep.console import JOB_END_TAG_PREFIX, SweepProgress
+from mlpsweep.engine import metric_key
 from mlpsweep.tracking import (
     CONFIG_HASH_TAG,
     ERROR_TAG,
@@ -65,8 +66,9 @@ from mlpsweep.tracking import (
 log = logging.getLogger(__name__)
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
 ADAPTIVE_SWEEPER = f"{AdaptiveSeedsSweeper.__module__}.{AdaptiveSeedsSweeper.__name__}"
-# what hydra/sweeper=adaptive_seeds may compare (each run's last value): accuracies, so that precision is in pp
-ADAPTIVE_METRICS = ("test_acc", "val_acc", "train_acc")
+# what hydra/sweeper=adaptive_seeds may compare (each run's last value): accuracies, so that precision
+# is in pp (by MLflow key; their names test_acc, val_acc and train_acc are accepted too, see metric_key)
+ADAPTIVE_METRICS = ("accuracy/test", "accuracy/val", "accuracy/train")
 SWEEP_KEY_TAG = "mlpsweep.sweep_key"
 SWEEP_OVERRIDES_TAG = "mlpsweep.sweep_overrides"
 # host:pid of the process that launched the sweep: a job running inside it (the basic launcher)
@@ -110,7 +112,7 @@ def adaptive_grid(config: DictConfig) -> list[list[str]]:
     require(sweeper.max_seeds >= sweeper.min_seeds, f"{key}.max_seeds", sweeper.max_seeds, allowed)
     require(sweeper.precision_pp > 0, f"{key}.precision_pp", sweeper.precision_pp, "a positive number of pp")
     metrics = f"one of {', '.join(ADAPTIVE_METRICS)}"
-    require(sweeper.metric in ADAPTIVE_METRICS, f"{key}.metric", sweeper.metric, metrics)
+    require(metric_key(sweeper.metric) in ADAPTIVE_METRICS, f"{key}.metric", sweeper.metric, metrics)
     for override in sweep_overrides(config):
         if override.key_or_group.lstrip("+~") == "seed":
             raise ConfigError(
@@ -407,11 +409,12 @@ def record_outcome(session: SweepSession, finished: list[Run], configs: int, fai
     """The parent run's own metrics (best and mean test accuracy of the finished configs, how many
     finished and how many failed) and its description (mlflow.note.content: the command and what won)."""
     client, parent_id = session.client, session.parent_id
-    scored = sorted((run for run in finished if "test_acc" in run.data.metrics), key=lambda r: r.data.metrics["test_acc"])
+    test_acc = metric_key("test_acc")
+    scored = sorted((run for run in finished if test_acc in run.data.metrics), key=lambda r: r.data.metrics[test_acc])
     metrics = {"jobs_finished": len(finished), "jobs_failed": failed}
     lines = [f"Sweep `{shlex.join(launch_command())}`", ""]
     if scored:
-        accuracies = [run.data.metrics["test_acc"] for run in scored]
+        accuracies = [run.data.metrics[test_acc] for run in scored]
         metrics |= {"best_test_acc": accuracies[-1], "mean_test_acc": sum(accuracies) / len(accuracies)}
         best = scored[-1]
         lines.append(f"Best: **{best.info.run_name}**, test accuracy {accuracies[-1]:.4f} (run {best.info.run_id}); "

@@ -23,7 +23,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import requests
@@ -31,21 +30,20 @@ import sqlalchemy
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from matplotlib.figure import Figure
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Metric, Run, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mlpsweep import figures
 from mlpsweep.config import launch_dir
 from mlpsweep.data import DataSplits, raw_folder
-from mlpsweep.engine import EpochMetrics
+from mlpsweep.engine import EpochMetrics, metric_key
 from mlpsweep.interrupt import Interrupted, SweepStop
-from mlpsweep.probe import ActivationProbe
+from mlpsweep.probe import ActivationProbe, Snapshot
+from mlpsweep.rendering import Figures
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +82,14 @@ def configure_store_access(cfg: DictConfig) -> None:
 _sqlite_busy_timeout_ms = [20_000]
 
 
-def _connection_busy_timeout(dbapi_connection, connection_record) -> None:  # noqa: ANN001
+def _connection_busy_timeout(dbapi_connection, connection_record) -> None:
     """SQLAlchemy hook: every new SQLite connection waits out a lock for the configured time
     (the sqlite3 module's own default is 5 s)."""
     if type(dbapi_connection).__module__.startswith("sqlite3"):
         dbapi_connection.execute(f"PRAGMA busy_timeout = {_sqlite_busy_timeout_ms[0]}")
 
 
-def _session_busy_timeout(conn, cursor, statement: str, parameters, context, executemany):  # noqa: ANN001
+def _session_busy_timeout(conn, cursor, statement: str, parameters, context, executemany):
     """SQLAlchemy hook: the `PRAGMA busy_timeout = 20000` MLflow runs in each session becomes the
     configured wait."""
     if statement.startswith("PRAGMA busy_timeout"):
@@ -283,8 +281,16 @@ def log_epoch(metrics: EpochMetrics) -> None:
     mlflow.log_metrics(metrics.metrics(), step=metrics.epoch)
 
 
+def log_epochs(history: Sequence[EpochMetrics]) -> None:
+    """Log a whole history of epochs in one request."""
+    run_id = mlflow.active_run().info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, m.epoch) for m in history for key, value in m.metrics().items()]
+    MlflowClient().log_batch(run_id, metrics=metrics, synchronous=True)
+
+
 def log_test(test_loss: float, test_acc: float) -> None:
-    mlflow.log_metrics({"test_loss": test_loss, "test_acc": test_acc})
+    mlflow.log_metrics({metric_key("test_loss"): test_loss, metric_key("test_acc"): test_acc})
 
 
 def log_stopping(best_epoch: int, stopped_epoch: int) -> None:
@@ -292,30 +298,27 @@ def log_stopping(best_epoch: int, stopped_epoch: int) -> None:
     mlflow.log_metrics({"best_epoch": best_epoch, "stopped_epoch": stopped_epoch})
 
 
-def log_run_figures(history: Sequence[EpochMetrics], confusion: torch.Tensor, title: str) -> None:
-    """Learning curves, and the test confusion matrix as a figure and as CSV counts."""
+def log_run_figures(history: Sequence[EpochMetrics], confusion: torch.Tensor, title: str, drawn: Figures) -> None:
+    """Learning curves and the test confusion matrix as figures (drawn by `drawn`), and the
+    confusion counts as CSV."""
     counts = confusion.numpy()
-    _log_figure(figures.learning_curves(history, title), "learning_curves.png")
-    _log_figure(figures.confusion_matrix(counts, f"{title}: test confusion matrix"), "confusion_matrix.png")
+    drawn.add("learning_curves", (list(history), title), "learning_curves.png")
+    drawn.add("confusion_matrix", (counts, f"{title}: test confusion matrix"), "confusion_matrix.png")
     header = "true\\predicted," + ",".join(str(c) for c in range(counts.shape[1]))
     rows = [f"{true}," + ",".join(str(n) for n in row) for true, row in enumerate(counts)]
     mlflow.log_text("\n".join([header, *rows]) + "\n", "confusion_matrix.csv")
 
 
-def _log_figure(fig: Figure, artifact_file: str) -> None:
-    mlflow.log_figure(fig, artifact_file)
-    plt.close(fig)
-
-
 class ProbeLog:
     """Logs an ActivationProbe: metrics every epoch; at `figure_epochs` the grid figure and its
-    histograms; at the end an animated GIF of the figures and the probe's share of the run time."""
+    histograms; at the end an animated GIF of the figures and the probe's share of the run time
+    (the time it took in the job's own process; `drawn` may draw its figures in another)."""
 
-    def __init__(self, probe: ActivationProbe, figure_epochs: set[int], title: str, workdir: Path) -> None:
+    def __init__(self, probe: ActivationProbe, figure_epochs: set[int], title: str, drawn: Figures) -> None:
         self.probe = probe
         self.figure_epochs = figure_epochs
         self.title = title
-        self.workdir = workdir
+        self.drawn = drawn
         self.frames: list[Path] = []
         self.histograms: dict[int, dict[str, Any]] = {}
         self.gradient_norms: dict[int, dict[str, float]] = {}  # epoch -> layer -> weight-gradient norm
@@ -324,19 +327,24 @@ class ProbeLog:
     def __call__(self, epoch: int, final: bool = False) -> None:
         """Log the probe at `epoch`; a figure at the figure epochs and at a `final` one (early stopping)."""
         start = time.perf_counter()
-        with_figure = epoch in self.figure_epochs or final
-        snapshot = self.probe.snapshot(epoch, with_histograms=with_figure)
+        snapshot = self.probe.snapshot(epoch, with_histograms=epoch in self.figure_epochs or final)
+        self.seconds += time.perf_counter() - start
+        self.record(snapshot)
+
+    def record(self, snapshot: Snapshot) -> None:
+        """Log a snapshot taken at its epoch: its metrics, and its figure where it has histograms."""
+        start = time.perf_counter()
+        epoch = snapshot.epoch
         mlflow.log_metrics(snapshot.metrics(), step=epoch)
-        norms = {name: layer.stats["grad_norm"] for name, layer in snapshot.layers.items() if "grad_norm" in layer.stats}
+        norms = {
+            name: layer.stats["grad_norm"] for name, layer in snapshot.layers.items() if "grad_norm" in layer.stats
+        }
         if norms:
             self.gradient_norms[epoch] = norms
-        if with_figure:
-            frame = self.workdir / f"epoch_{epoch:03d}.png"
-            fig = figures.probe_grid(snapshot, self.title)
-            fig.savefig(frame, dpi=72)
-            plt.close(fig)
-            mlflow.log_artifact(str(frame), "probe")
-            self.frames.append(frame)
+        if any(layer.histograms for layer in snapshot.layers.values()):
+            self.frames.append(
+                self.drawn.add("probe_grid", (snapshot, self.title), f"probe/epoch_{epoch:03d}.png", dpi=72)
+            )
             self.histograms[epoch] = {name: asdict(layer) for name, layer in snapshot.layers.items()}
         self.seconds += time.perf_counter() - start
 
@@ -344,11 +352,9 @@ class ProbeLog:
         start = time.perf_counter()
         mlflow.log_dict(self.histograms, "probe/histograms.json")
         if self.gradient_norms:
-            _log_figure(figures.gradient_norms(self.gradient_norms, self.title), "probe/gradient_norms.png")
+            self.drawn.add("gradient_norms", (self.gradient_norms, self.title), "probe/gradient_norms.png")
         if len(self.frames) > 1:
-            gif = self.workdir / "activations.gif"
-            figures.save_gif(self.frames, gif)
-            mlflow.log_artifact(str(gif), "probe")
+            self.drawn.add_gif(self.frames, "probe/activations.gif")
         self.seconds += time.perf_counter() - start
         mlflow.log_metrics({"probe_time_s": self.seconds, "probe_time_frac": self.seconds / run_seconds})
         log.info(f"probe: {self.seconds:.2f}s, {100 * self.seconds / run_seconds:.1f}% of the run")
@@ -399,7 +405,7 @@ def unfinished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
     epoch twice)."""
     own = [run for run in _config_runs(cfg, cfg_hash) if run.data.tags.get("mlflow.parentRunId") == parent_run_id()]
     unfinished = next((run for run in own if run.info.status in UNFINISHED), None)  # own: not a sweep's, alone
-    return unfinished if unfinished and "val_acc" not in unfinished.data.metrics else None
+    return unfinished if unfinished and metric_key("val_acc") not in unfinished.data.metrics else None
 
 
 def continuable_run(cfg: DictConfig, run_id: str, cfg_hash: str) -> str | None:
@@ -420,9 +426,9 @@ def continuable_run(cfg: DictConfig, run_id: str, cfg_hash: str) -> str | None:
     return None
 
 
-def best_metric(cfg: DictConfig, run_id: str, key: str) -> float:
-    """The largest value in a run's history of `key` (NaN when it has none)."""
-    history = MlflowClient(resolve_tracking_uri(cfg.tracking.uri)).get_metric_history(run_id, key)
+def best_metric(cfg: DictConfig, run_id: str, name: str) -> float:
+    """The largest value in a run's history of metric `name` (e.g. val_acc, see metric_key; NaN when it has none)."""
+    history = MlflowClient(resolve_tracking_uri(cfg.tracking.uri)).get_metric_history(run_id, metric_key(name))
     return max((m.value for m in history), default=math.nan)
 
 
@@ -500,7 +506,7 @@ def _end_stopped_run(err: BaseException) -> None:
 def log_missing_epochs(history: Sequence[EpochMetrics]) -> None:
     """Log the epochs of a resumed `history` that the active run does not have yet."""
     run_id = mlflow.active_run().info.run_id
-    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")}
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, metric_key("val_acc"))}
     for metrics in history:
         if metrics.epoch not in logged:
             log_epoch(metrics)
@@ -524,6 +530,8 @@ def record_job_failure(cfg: DictConfig, err: BaseException) -> None:
     job = HydraConfig.get().job
     try:
         client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
-        client.set_tag(parent_id, f"{FAILED_JOB_TAG_PREFIX}{job.num}", f"[{' '.join(_task_overrides())}] {describe(err)}")
+        client.set_tag(
+            parent_id, f"{FAILED_JOB_TAG_PREFIX}{job.num}", f"[{' '.join(_task_overrides())}] {describe(err)}"
+        )
     except Exception:  # the store itself may be what failed; the job's log still has the error
         log.exception(f"could not record the failure of job {job.num} on parent run {parent_id}")

@@ -15,8 +15,9 @@ class AdaptiveSeedsSweeperConf:
     max_seeds: int = 10
     # the target: every comparison's 95% interval within ±precision_pp percentage points (its half-width)
     precision_pp: float = 0.5
-    # the accuracy compared (its last value in each run): test_acc, val_acc or train_acc
-    metric: str = "test_acc"
+    # the accuracy compared (its last value in each run): accuracy/test, accuracy/val or accuracy/train
+    # (the older names test_acc, val_acc and train_acc are accepted too)
+    metric: str = "accuracy/test"
     # the grid, as for the basic sweeper (the command line's sweeps add to it); never `seed`
     params: Optional[Dict[str, str]] = None
 

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from mlpsweep.engine import METRIC_NAMES, metric_key
 from mlpsweep.stats import (
     Interval,
     bootstrap_interval,
@@ -101,6 +102,14 @@ def varying(runs: pd.DataFrame, factors: Sequence[str]) -> list[str]:
     return [f for f in factors if runs[f].nunique() > 1]
 
 
+def metric_column(runs: pd.DataFrame, metric: str) -> str:
+    """The column of `runs` holding `metric`, given by its MLflow key or its name (the report's runs
+    have accuracy/test as test_acc, a frame of hydra/sweeper=adaptive_seeds the other way round)."""
+    if metric in runs.columns:
+        return metric
+    return {key: name for name, key in METRIC_NAMES.items()}.get(metric, metric_key(metric))
+
+
 def grid_coverage(runs: pd.DataFrame, factors: Sequence[str]) -> float:
     """The share of the combinations of the factors' levels that have a run: 1 for a full grid, a
     little less for a grid with failed configs, far less for a search (e.g. Optuna's) over continuous values."""
@@ -147,6 +156,7 @@ def pivot(sweep: SweepLike, rows: str, columns: str) -> pd.DataFrame:
 
 def cells(runs: pd.DataFrame, factors: Sequence[str], metric: str = "test_acc") -> pd.DataFrame:
     """Per config (one level of every factor): n, its seeds, and mean, std and 95% t-interval of `metric` over seeds."""
+    metric = metric_column(runs, metric)
     data = runs.dropna(subset=[metric])
     if data.empty:
         return pd.DataFrame(columns=[*factors, "config", "n", "seeds", "mean", "std", "ci_low", "ci_high"])
@@ -209,6 +219,7 @@ def anova(runs: pd.DataFrame, factors: Sequence[str], metric: str = "test_acc") 
     from statsmodels.stats.anova import anova_lm
 
     empty = pd.DataFrame(columns=ANOVA_COLUMNS)
+    metric = metric_column(runs, metric)
     data = runs.dropna(subset=[metric])
     used = varying(data, factors)
     single = [f for f in factors if f not in used]
@@ -360,6 +371,7 @@ def comparisons(
     max(|diff|, margin) so (before any correction for multiple tests; at least one more than now); tost_p: equivalence within +-margin_pp; p_holm: Holm over these rows;
     verdict: a sentence. Factors with one level are ignored; n_resamples=0 skips the bootstraps.
     """
+    metric = metric_column(runs, metric)
     data = runs.dropna(subset=[metric]).copy()
     used = varying(data, factors)
     if data.empty:
@@ -479,6 +491,7 @@ class Resolution:
 
 
 def resolution(runs: pd.DataFrame, factors: Sequence[str], metric: str = "test_acc") -> Resolution:
+    metric = metric_column(runs, metric)
     data = runs.dropna(subset=[metric])
     groups = [100 * g[metric].to_numpy(dtype=float) for _, g in data.groupby(varying(data, factors) or (lambda _: ""))]
     sd, df = pooled_sd(groups)
@@ -493,6 +506,7 @@ def importances(runs: pd.DataFrame, factors: Sequence[str], metric: str = "test_
     """Optuna's importance of each factor for `metric` (fANOVA, else mean decrease in impurity), from an
     in-memory study built of the runs (numbers as uniform distributions over their range, the rest as
     categories); an empty table and a sentence saying why where there is none."""
+    metric = metric_column(runs, metric)
     data = runs.dropna(subset=[metric])
     used = varying(data, factors)
     empty = pd.DataFrame(columns=["factor", "importance"])

@@ -8,7 +8,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from mlpsweep.checks import check_tracking_server, check_tracking_uri, uri_scheme
 from mlpsweep.config import ConfigError
+from mlpsweep.engine import metric_key
 from mlpsweep.report.analysis import AXES, ordered_values
 from mlpsweep.tracking import (
     ERROR_TAG,
@@ -29,6 +30,7 @@ from mlpsweep.tracking import (
     resolve_tracking_uri,
 )
 
+# the per-epoch metrics of a run's history, by name (columns; their MLflow keys: metric_key)
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s")
 # params that never define a config: bookkeeping (how a run was computed), and the long forms of the axes
 IGNORED_PARAMS = re.compile(rf"^(seed|num_params|train_step|tracking\..*|data\.root|data\.download|({'|'.join(AXES)})\..*)$")
@@ -118,6 +120,14 @@ def open_sweep(tracking_uri: str | None, experiment: str, sweep: str | None) -> 
         raise ReportError(f"--experiment={experiment!r}: must be an experiment of {uri}: {names}")
     return client, load_sweep(client, find_sweep(client, found.experiment_id, sweep))
 
+
+def stored_key(metrics: Mapping[str, float], name: str) -> str:
+    """The key a run stored metric `name` (e.g. val_acc) under, given its last values `metrics`:
+    its MLflow key (accuracy/val), or `name` itself in a store written before those keys."""
+    key = metric_key(name)
+    return name if key not in metrics and name in metrics else key
+
+
 def swept_axes(runs: pd.DataFrame, params: pd.DataFrame) -> list[str]:
     """The four axes that vary between `runs`, then other params that vary independently of them."""
     axes = [a for a in AXES if runs[a].nunique() > 1]
@@ -143,7 +153,10 @@ def load_sweep(client: MlflowClient, parent: Run) -> Sweep:
     for run in children:
         run_id, metrics = run.info.run_id, run.data.metrics
         history = pd.DataFrame(
-            {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in EPOCH_METRICS}
+            {
+                name: {m.step: m.value for m in client.get_metric_history(run_id, stored_key(metrics, name))}
+                for name in EPOCH_METRICS
+            }
         ).rename_axis("epoch")
         histories[run_id] = history
         health_keys = [k for k in metrics if PROBE_METRIC.match(k)]
@@ -163,8 +176,8 @@ def load_sweep(client: MlflowClient, parent: Run) -> Sweep:
                 **{axis: run.data.params.get(axis, LEGACY_AXES.get(axis, "")) for axis in AXES},
                 "seed": int(run.data.params.get("seed", 0)),
                 "num_params": int(run.data.params.get("num_params", 0)),
-                "test_acc": metrics.get("test_acc", math.nan),
-                "test_loss": metrics.get("test_loss", math.nan),
+                "test_acc": metrics.get(stored_key(metrics, "test_acc"), math.nan),
+                "test_loss": metrics.get(stored_key(metrics, "test_loss"), math.nan),
                 "best_val_acc": history.val_acc.max() if best_epoch else math.nan,
                 "best_epoch": best_epoch,
                 "epochs": len(history),

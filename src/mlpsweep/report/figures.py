@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.tracking import MlflowClient
 
 from mlpsweep import figures as run_figures
-from mlpsweep.report.analysis import ordered_values, sort_by_axes
+from mlpsweep.report.analysis import metric_column, ordered_values, sort_by_axes
 from mlpsweep.report.collect import Sweep
 from mlpsweep.stats import summarize
 
@@ -62,6 +62,7 @@ def _legend_outside(fig: Figure, title: str) -> None:
 def interaction_figure(runs: pd.DataFrame, first: str, second: str, metric: str = "test_acc") -> Figure:
     """Mean `metric` per level of `first` (x), one line per level of `second`, with 95% t-intervals over
     the runs of each pair of levels (the other factors pooled). Parallel lines: no interaction."""
+    metric = metric_column(runs, metric)
     fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
     xs = ordered_values(runs, first)
     for j, level in enumerate(ordered_values(runs, second)):
@@ -81,6 +82,7 @@ def main_effects_figure(runs: pd.DataFrame, factors: Sequence[str], metric: str 
     """Mean `metric` per level of each factor (the other factors pooled) with its 95% t-interval, one panel per factor."""
     if not factors:
         return None
+    metric = metric_column(runs, metric)
     fig, axes = _grid(len(factors), width=3.8, height=3.2)
     for ax, factor in zip(axes, factors):
         levels = ordered_values(runs, factor)

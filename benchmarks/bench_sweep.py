@@ -1,0 +1,134 @@
+"""What users wait for: whole sweeps, end to end, under each launcher, in one invocation.
+
+Each sweep runs as `python train.py -m ...` in a fresh folder with its own SQLite store; the wall
+clock runs from the command's start to its exit (the last run is in the store by then). Printed per
+sweep and launcher: wall seconds, finished runs, training samples per second (runs x epochs x
+training images / wall), the seconds spent training (each run's epochs; a pack's epochs once), and
+the per-job fixed cost: (wall - training - start-up) / jobs, start-up being one `python train.py
+--help`.
+
+    MNIST_ROOT=../shared/data python benchmarks/bench_sweep.py                      # (a), all launchers
+    MNIST_ROOT=../shared/data python benchmarks/bench_sweep.py --sweeps a,b,c,lecture --launchers basic,packed
+    MNIST_ROOT=../shared/data python benchmarks/bench_sweep.py --sweeps a --set data.limit_train=3200   # quick
+    python benchmarks/bench_sweep.py --sweeps a,c --launchers basic,packed --logs bench-logs   # keep the output
+
+Sweeps: (a) activation x norm x 3 seeds of the lecture's 165-165 MLP for 3 epochs (18 runs); (b) the
+same for the 1024-300 MLP; (c) 8 seeds x 4 learning rates of the 165-165 MLP for 3 epochs (32 runs);
+(lecture) (b) at 10 epochs, the lecture's activation x norm ablation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+ABLATION = ["activation=sigmoid,tanh,relu", "norm=none,batchnorm", "seed=0,1,2"]
+SWEEPS = {
+    "a": [*ABLATION, "depth.widths=[165,165]", "trainer.max_epochs=3"],
+    "b": [*ABLATION, "depth.widths=[1024,300]", "trainer.max_epochs=3"],
+    "c": ["seed=0,1,2,3,4,5,6,7", "optimizer.lr=0.01,0.03,0.1,0.3", "depth.widths=[165,165]", "trainer.max_epochs=3"],
+    "lecture": [*ABLATION, "depth.widths=[1024,300]", "trainer.max_epochs=10"],
+}
+LAUNCHERS = {
+    "basic": ["hydra/launcher=basic"],
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    "packed": ["hydra/launcher=packed"],
+}
+
+
+def run_sweep(sweep: list[str], launcher: str, extra: list[str], folder: Path, log: Path) -> dict[str, float]:
+    """Run one sweep under one launcher in `folder` (its output into `log` as it runs); its timings and counts from the store."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    command = [sys.executable, str(REPO / "train.py"), "-m", *LAUNCHERS[launcher], *sweep, *extra,
+               f"tracking.uri={uri}", f"hydra.sweep.dir={folder / 'multirun'}", "trainer.progress_bar=false"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    start = time.perf_counter()
+    with log.open("w") as output:
+        done = subprocess.run(command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, check=False)
+    wall = time.perf_counter() - start
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mlpsweep")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    epochs: set[tuple[str, int, float]] = set()  # a pack's members share their epochs' times: count them once
+    for run in finished:
+        history = client.get_metric_history(run.info.run_id, "epoch_time_s")
+        owner = "pack" if run.data.params.get("train_step", "").startswith("packed") else run.info.run_id
+        epochs |= {(owner, m.step, m.value) for m in history}
+    train_images = (
+        int(finished[0].data.params["data.limit_train"])
+        if finished and finished[0].data.params.get("data.limit_train", "None") != "None"
+        else 54000
+    )
+    max_epochs = int(finished[0].data.params["trainer.max_epochs"]) if finished else 0
+    return {
+        "rc": done.returncode,
+        "wall": wall,
+        "jobs": len(children),
+        "finished": len(finished),
+        "train": sum(seconds for _, _, seconds in epochs),
+        "samples_per_s": len(finished) * max_epochs * train_images / wall,
+    }
+
+
+def startup_seconds() -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweeps", default="a", help=f"comma-separated, of {', '.join(SWEEPS)}")
+    parser.add_argument(
+        "--launchers", default="basic,joblib,packed", help=f"comma-separated, of {', '.join(LAUNCHERS)}"
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="extra overrides for every sweep, e.g. trainer.device=cuda"
+    )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        help="write each sweep's output to LOGS/<sweep>-<launcher>.log (default: a temporary folder)",
+    )
+    args = parser.parse_args()
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"machine: {platform.node()}, {device}, torch {torch.__version__}, python {platform.python_version()}")
+    startup = startup_seconds()
+    print(f"start-up (python train.py --help): {startup:.1f}s; extra overrides: {' '.join(args.set) or 'none'}")
+    print("| sweep | launcher | runs finished | wall s | training s | samples/s | fixed cost per job s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    for sweep in args.sweeps.split(","):
+        walls = {}
+        for launcher in args.launchers.split(","):
+            root = Path(tempfile.mkdtemp(prefix=f"bench-{sweep}-{launcher}-"))
+            result = run_sweep(SWEEPS[sweep], launcher, args.set, root, logs / f"{sweep}-{launcher}.log")
+            fixed = (result["wall"] - result["train"] - startup) / max(1, result["jobs"])
+            walls[launcher] = result["wall"]
+            print(f"| {sweep} | {launcher} | {result['finished']}/{result['jobs']} (rc {result['rc']}) | {result['wall']:.1f} | "
+                  f"{result['train']:.1f} | {result['samples_per_s']:,.0f} | {fixed:.2f} |", flush=True)  # fmt: skip
+            shutil.rmtree(root)
+        if "basic" in walls:
+            ratios = ", ".join(
+                f"{name} {walls['basic'] / wall:.2f}x" for name, wall in walls.items() if name != "basic"
+            )
+            print(f"sweep {sweep}, end to end vs the basic launcher: {ratios}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

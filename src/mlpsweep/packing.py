@@ -1,0 +1,155 @@
+"""Which jobs of a sweep train together (`plan_packs`), and the training of one pack (`train_pack`),
+for the packed launcher (hydra_plugins.mlpsweep_packed_launcher)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psutil
+import torch
+from omegaconf import DictConfig, open_dict
+
+from mlpsweep import tracking
+from mlpsweep.checkpoint import config_hash
+from mlpsweep.checks import INPUT_ERRORS, check_job_inputs
+from mlpsweep.engine import cpu_threads
+from mlpsweep.interrupt import SweepStop
+from mlpsweep.packed import Member, MemberResult, PackedTrainer, pack_key, unpackable
+
+log = logging.getLogger(__name__)
+
+# the share of the device's free memory (GPU) or of the free RAM (CPU) that packs may fill by default
+MEMORY_SHARE = 0.5
+
+
+@dataclass
+class Unit:
+    """Jobs (indices into the sweep's list) trained as one pack, or one job that runs alone and why."""
+
+    jobs: list[int]
+    device: torch.device | None = None
+    reason: str | None = None  # why a job runs alone
+
+    @property
+    def packed(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class PackPlan:
+    units: list[Unit]
+
+    def summary(self) -> str:
+        """How the sweep's jobs are launched: packs and their sizes, and each job that runs alone and why."""
+        packs = [unit for unit in self.units if unit.packed]
+        jobs = sum(len(unit.jobs) for unit in self.units)
+        packed = sum(len(p.jobs) for p in packs)
+        sizes = ", ".join(str(len(p.jobs)) for p in packs) or "none"
+        lines = [f"Launching {jobs} jobs: {packed} in {len(packs)} packs ({sizes}), {jobs - packed} alone"]
+        lines += [f"\tjob #{unit.jobs[0]} runs alone: {unit.reason}" for unit in self.units if not unit.packed]
+        return "\n".join(lines)
+
+
+def task_config(sweep_config: DictConfig) -> DictConfig:
+    """A job's config as its task sees it: without the `hydra` node."""
+    cfg = sweep_config.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> PackPlan:
+    """Group the jobs that can share a stacked network (same `pack_key` and device) into packs of at
+    most `pack_size` (None: as many as fit, `fitting_pack_size`), in the order of their first job;
+    every other job is a unit of its own with the reason it runs alone."""
+    groups: dict[str, list[int]] = {}
+    devices: dict[str, torch.device] = {}
+    alone: list[Unit] = []
+    for i, sweep_config in enumerate(sweep_configs):
+        cfg = task_config(sweep_config)
+        try:
+            device = check_job_inputs(cfg)
+        except INPUT_ERRORS:
+            alone.append(Unit([i], reason="its config is invalid (its job says why)"))
+            continue
+        reason = unpackable(cfg)
+        if reason is None and cfg.resume and tracking.finished_run(cfg, config_hash(cfg)):
+            reason = "it already finished (resume=true skips it)"
+        if reason is not None:
+            alone.append(Unit([i], reason=reason))
+            continue
+        key = pack_key(cfg) + str(device)
+        groups.setdefault(key, []).append(i)
+        devices[key] = device
+    units = list(alone)
+    for key, jobs in groups.items():
+        size = pack_size or fitting_pack_size(task_config(sweep_configs[jobs[0]]), devices[key])
+        for start in range(0, len(jobs), max(1, size)):
+            chunk = jobs[start : start + max(1, size)]
+            if len(chunk) == 1:
+                units.append(Unit(chunk, reason="no other job of the sweep shares its shapes and step"))
+            else:
+                units.append(Unit(chunk, devices[key]))
+    return PackPlan(sorted(units, key=lambda unit: unit.jobs[0]))
+
+
+def fitting_pack_size(cfg: DictConfig, device: torch.device, in_features: int = 784, classes: int = 10) -> int:
+    """How many members of `cfg`'s shape fit in MEMORY_SHARE of the device's free memory: per
+    member its weights four times (weights, gradients, two optimizer states) and its activations
+    (a training batch, saved for the backward pass, and an evaluation batch)."""
+    widths = [in_features, *cfg.depth.widths, classes]
+    params = sum(a * b + b for a, b in itertools.pairwise(widths))
+    activations = (cfg.trainer.batch_size * 6 + cfg.trainer.eval_batch_size * 2) * sum(widths)
+    member_bytes = 4 * (4 * params + activations)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    return max(1, int(MEMORY_SHARE * free) // member_bytes)
+
+
+def segment_order(cfg: DictConfig) -> str:
+    """Members of one activation and norm sit together in a pack."""
+    return repr(cfg.activation) + repr(cfg.norm)
+
+
+def train_pack(sweep_configs: Sequence[DictConfig], device: torch.device) -> list[MemberResult] | None:
+    """Train the jobs `sweep_configs` as one pack on `device`; their results in the same order.
+    None if the packed training itself failed (the error is logged and the jobs run alone)."""
+    from mlpsweep.cli import figure_epochs, fresh_state, make_deterministic, new_probe  # the job's own builders
+    from mlpsweep.data import load_splits
+
+    cfgs = [task_config(c) for c in sweep_configs]
+    order = sorted(range(len(cfgs)), key=lambda i: segment_order(cfgs[i]))
+    first = cfgs[0]
+    try:
+        if first.trainer.deterministic:
+            make_deterministic()
+        torch.set_num_threads(cpu_threads(first.trainer.num_threads, None))
+        data = load_splits(first.data, device)
+        members = []
+        for i in order:
+            cfg = cfgs[i]
+            model, optimizer, schedule, generator = fresh_state(cfg, data, device)
+            probe = new_probe(cfg, model, data) if cfg.probe.enabled else None
+            members.append(
+                Member(tracking.run_name(cfg), cfg, model, optimizer, schedule, generator, probe, figure_epochs(cfg))
+            )
+        start = time.perf_counter()
+        trainer = PackedTrainer(members, data, device)
+        log.info(f"pack of {len(members)} runs on {device}, step {trainer.kind}: {', '.join(m.name for m in members)}")
+        trainer.fit()
+        results = trainer.results(train_seconds=time.perf_counter() - start)
+    except (SweepStop, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        log.exception(f"packed training failed ({type(err).__name__}); its {len(cfgs)} jobs run alone")
+        return None
+    in_job_order: list[MemberResult] = [None] * len(cfgs)  # type: ignore[list-item]
+    for position, i in enumerate(order):
+        in_job_order[i] = results[position]
+    return in_job_order

@@ -1,0 +1,224 @@
+"""Packed training (mlpsweep.packed, hydra/launcher=packed): each member of a pack trains as its
+solo run would.
+
+Tolerance: without dropout a member's per-epoch losses and accuracies match its solo run's to
+1e-5 (absolute) and its weights and batch-norm statistics to 1e-5 relative + 1e-6 absolute after
+50 steps: the stacked network computes the same arithmetic in another order (batched matrix
+products, its own batch-norm and loss reductions), so float32 rounding differs in the last bits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from mlpsweep.cli import fresh_state, new_probe
+from mlpsweep.data import load_splits
+from mlpsweep.engine import DivergenceError, EpochMetrics, fit
+from mlpsweep.packed import Member, MemberResult, PackedTrainer
+from mlpsweep.packing import plan_packs
+from mlpsweep.stats import welch_difference
+from mlpsweep.tracking import run_name
+
+STEPS = ["data.limit_train=64", "trainer.max_epochs=25", "depth.widths=[48,24]"]  # 2 steps an epoch: 50 steps
+CPU = torch.device("cpu")
+
+
+def solo(cfg: DictConfig, device: torch.device = CPU) -> tuple[list[EpochMetrics], torch.nn.Sequential]:
+    """The config trained alone, by the engine's own loop (its fastest step)."""
+    data = load_splits(cfg.data, device)
+    model, optimizer, schedule, generator = fresh_state(cfg, data, device)
+    return fit(model, optimizer, data, cfg.trainer, generator, schedule=schedule), model
+
+
+def pack(cfgs: list[DictConfig], device: torch.device = CPU) -> list[MemberResult]:
+    """The configs trained as one pack, in the given order."""
+    data = load_splits(cfgs[0].data, device)
+    members = []
+    for cfg in cfgs:
+        model, optimizer, schedule, generator = fresh_state(cfg, data, device)
+        probe = new_probe(cfg, model, data) if cfg.probe.enabled else None
+        members.append(
+            Member(run_name(cfg), cfg, model, optimizer, schedule, generator, probe, {0, cfg.trainer.max_epochs})
+        )
+    trainer = PackedTrainer(members, data, device)
+    trainer.fit()
+    return trainer.results(train_seconds=1.0)
+
+
+def assert_same_run(
+    result: MemberResult, history: list[EpochMetrics], model: torch.nn.Sequential, tolerance: float = 1e-5
+) -> None:
+    assert result.error is None
+    assert [m.epoch for m in result.history] == [m.epoch for m in history]
+    for packed, alone in zip(result.history, history, strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert getattr(packed, key) == pytest.approx(getattr(alone, key), abs=tolerance), (packed.epoch, key)
+    packed_state, solo_state = result.model.state_dict(), model.state_dict()
+    assert packed_state.keys() == solo_state.keys()
+    for key, value in solo_state.items():
+        torch.testing.assert_close(packed_state[key], value, rtol=tolerance, atol=tolerance / 10, msg=key)
+
+
+MIXED = [  # activations, norms, learning rates, momentum, weight decay, init and schedules in one pack
+    ["activation=relu", "norm=none", "seed=0"],
+    ["activation=tanh", "norm=batchnorm", "seed=1", "optimizer.lr=0.05"],
+    ["activation=sigmoid", "norm=batchnorm", "seed=2", "optimizer=sgd_momentum", "optimizer.nesterov=true"],
+    ["activation=relu", "norm=layernorm", "seed=3", "optimizer.weight_decay=1e-3", "init=kaiming_normal"],
+    ["activation=leaky_relu", "norm=none", "seed=4", "scheduler=onecycle"],
+    ["activation=gelu", "norm=batchnorm", "seed=5", "scheduler=step", "scheduler.step_size=5"],
+    ["activation=tanh", "norm=none", "seed=6", "scheduler=plateau", "scheduler.patience=0", "optimizer.lr=0.5"],
+]
+
+
+def test_a_mixed_pack_trains_each_member_as_its_solo_run(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfgs = [tiny_cfg(*STEPS, "probe.enabled=false", *overrides) for overrides in MIXED]
+    for cfg, result in zip(cfgs, pack(cfgs), strict=True):
+        assert_same_run(result, *solo(cfg))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_pack_is_one_graph_and_matches_solo_cuda_runs(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """On a GPU the pack's step is one CUDA graph and each solo run's too; cuBLAS's batched and
+    single products round differently, hence 1e-4."""
+    cuda = torch.device("cuda")
+    cfgs = [tiny_cfg(*STEPS, "probe.enabled=false", "trainer.device=cuda", *overrides) for overrides in MIXED]
+    results = pack(cfgs, cuda)
+    assert {result.train_step for result in results} == {"packed_cuda_graph"}
+    for cfg, result in zip(cfgs, results, strict=True):
+        assert_same_run(result, *solo(cfg, cuda), tolerance=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_and_adamw_members_match_their_solo_runs(tiny_cfg: Callable[..., DictConfig], optimizer: str) -> None:
+    """Without batch norm: the bias of a Linear before a batch norm has a gradient of zero up to
+    rounding, which Adam scales up to steps of the learning rate, so such biases (and the running
+    means that follow them) take another random walk in any other summation order, solo runs too."""
+    cfgs = [
+        tiny_cfg(*STEPS, "probe.enabled=false", f"optimizer={optimizer}", f"seed={seed}", f"optimizer.lr={lr}", norm)
+        for seed, lr, norm in [(0, 1e-3, "norm=none"), (1, 3e-3, "norm=layernorm")]
+    ]
+    for cfg, result in zip(cfgs, pack(cfgs), strict=True):
+        assert_same_run(result, *solo(cfg))
+
+
+def test_a_diverging_member_fails_alone_and_early_stopping_stops_one(tiny_cfg: Callable[..., DictConfig]) -> None:
+    common = (*STEPS, "probe.enabled=false")
+    steady = tiny_cfg(*common, "seed=0")
+    diverging = tiny_cfg(*common, "seed=1", "optimizer.lr=1e30")
+    stopping = tiny_cfg(
+        *common,
+        "seed=2",
+        "trainer.early_stopping.patience=1",
+        "trainer.early_stopping.min_delta=1",
+        "trainer.early_stopping.restore_best=false",
+    )
+    results = pack([steady, diverging, stopping])
+    assert_same_run(results[0], *solo(steady))
+    assert isinstance(results[1].error, DivergenceError)
+    with pytest.raises(DivergenceError) as solo_error:
+        solo(diverging)
+    assert str(results[1].error) == str(solo_error.value)
+    history, model = solo(stopping)
+    assert len(history) == 2  # stopped after patience 1: no epoch improves by 1
+    assert_same_run(results[2], history, model)
+
+
+def test_the_probe_sees_a_member_as_it_sees_its_solo_run(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=3", f"seed={seed}", "norm=batchnorm") for seed in (0, 1)]
+    result = pack(cfgs)[1]
+    _, model = solo(cfgs[1])
+    data = load_splits(cfgs[1].data, CPU)
+    expected = new_probe(cfgs[1], model, data).snapshot(3, with_histograms=True)
+    last = result.snapshots[-1]
+    assert [s.epoch for s in result.snapshots] == [0, 1, 2, 3]
+    assert last.layers.keys() == expected.layers.keys()
+    for name, layer in expected.layers.items():
+        for key, value in layer.stats.items():
+            assert last.layers[name].stats[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, key)
+        assert last.layers[name].histograms.keys() == layer.histograms.keys()
+
+
+def test_with_dropout_members_reach_the_accuracy_of_solo_runs(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """Dropout masks come from another random stream in a pack, so compare distributions over seeds:
+    the 95% interval on the difference of mean final validation accuracy includes zero."""
+    seeds = range(8)
+    cfgs = [
+        tiny_cfg("trainer.max_epochs=3", "depth.widths=[48,24]", "probe.enabled=false", "dropout=lecture", f"seed={s}")
+        for s in seeds
+    ]
+    packed = [result.history[-1].val_acc for result in pack(cfgs)]
+    alone = [solo(cfg)[0][-1].val_acc for cfg in cfgs]
+    difference = welch_difference(packed, alone)
+    assert difference.low <= 0 <= difference.high, (packed, alone)
+
+
+def test_plan_packs_groups_by_shape_and_says_why_a_job_runs_alone(tiny_cfg: Callable[..., DictConfig]) -> None:
+    sweep = [tiny_cfg(f"seed={s}") for s in range(5)] + [
+        tiny_cfg("trainer.fast_step=false"),
+        tiny_cfg("depth.widths=[32]"),
+        tiny_cfg("optimizer=adam"),
+    ]
+    hydra_node = {"hydra": {}}
+    configs = [DictConfig({**cfg, **hydra_node}) for cfg in sweep]
+    plan = plan_packs(configs, pack_size=3)
+    packs = [unit.jobs for unit in plan.units if unit.packed]
+    assert packs == [[0, 1, 2], [3, 4]]
+    reasons = {unit.jobs[0]: unit.reason for unit in plan.units if not unit.packed}
+    assert "fast_step=false" in reasons[5]
+    assert "no other job" in reasons[6] and "no other job" in reasons[7]
+    assert "8 jobs: 5 in 2 packs (3, 2), 3 alone" in plan.summary()
+
+
+def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """The same sweep under hydra/launcher=packed and the basic launcher: one parent, a FINISHED child
+    per config with the same params and metric keys, the same test accuracy, a model that loads
+    and predicts like the basic sweep's."""
+    sweep = ["activation=relu,tanh", "norm=none,batchnorm", "seed=0", "depth.widths=[32,16]", "tracking.log_model=true"]
+    stores = {}
+    for launcher in ("basic", "packed"):
+        folder = tmp_path / launcher
+        folder.mkdir()
+        command = [
+            sys.executable, str(REPO_ROOT / "train.py"), "-m", f"hydra/launcher={launcher}",
+            *tiny_overrides(tiny_mnist_root, folder), *sweep, f"hydra.sweep.dir={folder / 'multirun'}",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        stores[launcher] = MlflowClient(sqlite_uri(folder))
+        if launcher == "packed":
+            assert "4 jobs: 4 in 1 packs (4), 0 alone" in done.stderr + done.stdout
+    children = {}
+    for launcher, client in stores.items():
+        runs = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        children[launcher] = {r.info.run_name: r for r in runs if r not in parents}
+        assert len(children[launcher]) == 4
+        assert all(r.info.status == "FINISHED" for r in children[launcher].values())
+    assert children["basic"].keys() == children["packed"].keys()
+    for name, basic in children["basic"].items():
+        packed = children["packed"][name]
+        assert set(basic.data.metrics) == set(packed.data.metrics)
+        assert set(basic.data.params) == set(packed.data.params)
+        assert packed.data.params["train_step"] == "packed"
+        for key in ("accuracy/test", "loss/test"):
+            assert packed.data.metrics[key] == pytest.approx(basic.data.metrics[key], abs=1e-4), (name, key)
+    name = next(iter(children["packed"]))
+    x = torch.randn(5, 784)
+    models = {}
+    for launcher, client in stores.items():
+        mlflow.set_tracking_uri(client.tracking_uri)
+        models[launcher] = mlflow.pytorch.load_model(f"runs:/{children[launcher][name].info.run_id}/model")
+    assert repr(models["packed"]) == repr(models["basic"])  # the same module (MLflow may load an exported graph)
+    torch.testing.assert_close(models["packed"](x), models["basic"](x), rtol=1e-4, atol=1e-4)
