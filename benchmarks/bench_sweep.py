@@ -46,12 +46,16 @@ LAUNCHERS = {
 }
 
 
-def run_sweep(sweep: list[str], launcher: str, extra: list[str], folder: Path, log: Path) -> dict[str, float]:
-    """Run one sweep under one launcher in `folder` (its output into `log` as it runs); its timings and counts from the store."""
+def run_sweep(
+    sweep: list[str], launcher: str, extra: list[str], folder: Path, log: Path, repo: Path
+) -> dict[str, float]:
+    """Run one sweep of `repo`'s train.py under one launcher in `folder` (its output into `log` as it
+    runs); its timings and counts from the store."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    command = [sys.executable, str(REPO / "train.py"), "-m", *LAUNCHERS[launcher], *sweep, *extra,
+    command = [sys.executable, str(repo / "train.py"), "-m", *LAUNCHERS[launcher], *sweep, *extra,
                f"tracking.uri={uri}", f"hydra.sweep.dir={folder / 'multirun'}", "trainer.progress_bar=false"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo / "src"), env.get("PYTHONPATH", "")])  # that checkout's mlpsweep
     start = time.perf_counter()
     with log.open("w") as output:
         done = subprocess.run(command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, check=False)
@@ -82,9 +86,9 @@ def run_sweep(sweep: list[str], launcher: str, extra: list[str], folder: Path, l
     }
 
 
-def startup_seconds() -> float:
+def startup_seconds(repo: Path) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, check=True)
+    subprocess.run([sys.executable, str(repo / "train.py"), "--help"], capture_output=True, check=True)
     return time.perf_counter() - start
 
 
@@ -98,6 +102,9 @@ def main() -> None:
         "--set", nargs="*", default=[], help="extra overrides for every sweep, e.g. trainer.device=cuda"
     )
     parser.add_argument(
+        "--repo", type=Path, default=REPO, help="the checkout whose train.py runs (e.g. a worktree of an earlier commit)"
+    )
+    parser.add_argument(
         "--logs",
         type=Path,
         help="write each sweep's output to LOGS/<sweep>-<launcher>.log (default: a temporary folder)",
@@ -107,8 +114,10 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {platform.node()}, {device}, torch {torch.__version__}, python {platform.python_version()}")
-    startup = startup_seconds()
-    print(f"start-up (python train.py --help): {startup:.1f}s; extra overrides: {' '.join(args.set) or 'none'}")
+    startup = startup_seconds(args.repo)
+    print(
+        f"{args.repo}: start-up (python train.py --help) {startup:.1f}s; extra overrides: {' '.join(args.set) or 'none'}"
+    )
     print("| sweep | launcher | runs finished | wall s | training s | samples/s | fixed cost per job s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
@@ -117,7 +126,7 @@ def main() -> None:
         walls = {}
         for launcher in args.launchers.split(","):
             root = Path(tempfile.mkdtemp(prefix=f"bench-{sweep}-{launcher}-"))
-            result = run_sweep(SWEEPS[sweep], launcher, args.set, root, logs / f"{sweep}-{launcher}.log")
+            result = run_sweep(SWEEPS[sweep], launcher, args.set, root, logs / f"{sweep}-{launcher}.log", args.repo)
             fixed = (result["wall"] - result["train"] - startup) / max(1, result["jobs"])
             walls[launcher] = result["wall"]
             print(f"| {sweep} | {launcher} | {result['finished']}/{result['jobs']} (rc {result['rc']}) | {result['wall']:.1f} | "

@@ -222,3 +222,42 @@ def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Pa
         models[launcher] = mlflow.pytorch.load_model(f"runs:/{children[launcher][name].info.run_id}/model")
     assert repr(models["packed"]) == repr(models["basic"])  # the same module (MLflow may load an exported graph)
     torch.testing.assert_close(models["packed"](x), models["basic"](x), rtol=1e-4, atol=1e-4)
+
+
+def test_packs_run_as_submitit_tasks(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """backend=submitit with submitit's local executor: each pack is one task (a process of its
+    own), and the sweep's store is what the local backend gives."""
+    command = [
+        sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "hydra.launcher.backend=submitit",
+        "hydra.launcher.submitit.cluster=local", "hydra.launcher.submitit.gpus_per_node=0",
+        "activation=sigmoid,relu", "depth.widths=[32],[16,8]", "trainer.max_epochs=1", "probe.enabled=false",
+        *tiny_overrides(tiny_mnist_root, tmp_path), f"hydra.sweep.dir={tmp_path / 'm'}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 jobs: 4 in 2 packs (2, 2), 0 alone" in done.stderr + done.stdout
+    client = MlflowClient(sqlite_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 5 and len(children) == 4
+    assert all(r.info.status == "FINISHED" and r.data.params["train_step"] == "packed" for r in runs if r in children)
+    assert len(list((tmp_path / "m" / ".submitit").rglob("*_log.out"))) == 2  # one task per pack
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("hydra.launcher.backend=ray", "hydra.launcher.backend"),
+        ("hydra.launcher.pack_size=0", "hydra.launcher.pack_size"),
+    ],
+)
+def test_a_bad_launcher_setting_stops_the_sweep_before_it_starts(
+    tiny_mnist_root: Path, tmp_path: Path, setting: str, named: str
+) -> None:
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", setting, "seed=0,1",
+               *tiny_overrides(tiny_mnist_root, tmp_path), f"hydra.sweep.dir={tmp_path / 'm'}"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert named in done.stdout + done.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "m").exists()

@@ -37,11 +37,11 @@ from mlpsweep.early_stopping import BestWeights, EarlyStopping
 from mlpsweep.engine import (
     DivergenceError,
     EpochMetrics,
+    Evaluation,
     build_optimizer,
-    confusion_counts,
     cpu_threads,
     device_for_job,
-    evaluate,
+    evaluate_with_confusion,
     fit,
     seed_everything,
 )
@@ -215,21 +215,22 @@ def test_and_log(
     probe_log: tracking.ProbeLog | None,
     drawn: Figures,
     run_seconds: float,
+    tested: Evaluation | None = None,
 ) -> None:
     """The end of a job's run, its model trained (holding the best epoch's weights where early
-    stopping restores them): where it stopped, the test pass, the figures, the probe and the model
-    (logged while `drawn` draws the figures; they are logged last)."""
+    stopping restores them): where it stopped, the test pass (unless `tested` holds it), the
+    figures, the probe and the model (logged while `drawn` draws the figures; they are logged last)."""
     stopping = EarlyStopping.from_config(cfg.trainer.early_stopping)
     if stopping.enabled:
         best_epoch = stopping.best_epoch(history)
         tracking.log_stopping(best_epoch, stopped_epoch=history[-1].epoch)
         if stopping.restore_best and best_epoch != history[-1].epoch:
             log.info(f"early stopping: testing the weights of epoch {best_epoch}, the best {stopping.monitor}")
-    test_loss, test_acc = evaluate(model, data.test, cfg.trainer.eval_batch_size, cfg.trainer.precision)
-    log.info(f"Test >> loss {test_loss:.5f} acc {test_acc:.5f}")
-    tracking.log_test(test_loss, test_acc)
-    confusion = confusion_counts(model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision)
-    tracking.log_run_figures(history, confusion, tracking.run_name(cfg), drawn)
+    if tested is None:
+        tested = evaluate_with_confusion(model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision)
+    log.info(f"Test >> loss {tested.loss:.5f} acc {tested.accuracy:.5f}")
+    tracking.log_test(tested.loss, tested.accuracy)
+    tracking.log_run_figures(history, tested.confusion, tracking.run_name(cfg), drawn)
     if probe_log:
         probe_log.finish(run_seconds=run_seconds)
     if cfg.tracking.log_model:
@@ -259,7 +260,7 @@ def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSp
             if result.error is not None:
                 drawn.log_all()
                 raise result.error
-            test_and_log(cfg, model, data, result.history, probe_log, drawn, result.train_seconds)
+            test_and_log(cfg, model, data, result.history, probe_log, drawn, result.train_seconds, result.test)
     return max(m.val_acc for m in result.history)
 
 

@@ -168,15 +168,27 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, precision: str = "
     return loss_sum.item() / len(split), correct.item() / len(split)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's mean cross-entropy, accuracy and [true class, predicted class] counts on a split."""
+
+    loss: float
+    accuracy: float
+    confusion: torch.Tensor  # int64 [classes, classes], on the CPU
+
+
 @torch.inference_mode()
-def confusion_counts(
+def evaluate_with_confusion(
     model: nn.Module, split: Split, batch_size: int, num_classes: int, precision: str = "fp32"
-) -> torch.Tensor:
-    """[true class, predicted class] counts of `model` in eval mode over a split."""
+) -> Evaluation:
+    """`evaluate` and the confusion counts of `model` in eval mode, in one pass over a split."""
+    loss_sum = torch.zeros((), device=split.x.device)
     counts = torch.zeros(num_classes * num_classes, device=split.x.device, dtype=torch.long)
     for logits, y in _eval_batches(model, split, batch_size, precision):
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         counts += torch.bincount(y * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
-    return counts.reshape(num_classes, num_classes).cpu()
+    confusion = counts.reshape(num_classes, num_classes).cpu()
+    return Evaluation(loss_sum.item() / len(split), confusion.diagonal().sum().item() / len(split), confusion)
 
 
 def train_one_epoch(

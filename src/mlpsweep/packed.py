@@ -36,9 +36,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from mlpsweep import interrupt
-from mlpsweep.data import DataSplits
+from mlpsweep.data import DataSplits, Split
 from mlpsweep.early_stopping import BestWeights, EarlyStopping
-from mlpsweep.engine import DIVERGENCE_CHECK_EVERY, DivergenceError, EpochMetrics
+from mlpsweep.engine import DIVERGENCE_CHECK_EVERY, DivergenceError, EpochMetrics, Evaluation
 from mlpsweep.probe import ActivationProbe, Snapshot
 from mlpsweep.schedulers import Schedule, current_lr
 from mlpsweep.steps import GRAPH_WARMUP_STEPS, autocast
@@ -360,6 +360,7 @@ class MemberResult:
     pack_size: int
     train_step: str
     error: Exception | None
+    test: Evaluation | None = None  # its test pass, where the pack made it
 
 
 _current: MemberResult | None = None
@@ -456,7 +457,7 @@ class PackedTrainer:
             start = time.perf_counter()
             lrs = [current_lr(m.optimizer) for m in self.members]
             losses, train_acc = self._train_epoch(epoch)
-            val_loss, val_acc = self.evaluate(self.data.val)
+            val_loss, val_acc, _ = self.evaluate(self.data.val)
             seconds = time.perf_counter() - start
             for i, member in enumerate(self.members):
                 if member.done:
@@ -515,23 +516,25 @@ class PackedTrainer:
             self.net.copy_to(index, member.model)
 
     @torch.inference_mode()
-    def evaluate(self, split: object) -> tuple[list[float], list[float]]:
-        """Per-member mean cross-entropy and accuracy over a whole split, in eval mode."""
-        size = len(self.members)
+    def evaluate(self, split: Split, confusion: bool = False) -> tuple[list[float], list[float], Tensor | None]:
+        """Per-member mean cross-entropy and accuracy over a whole split, in eval mode, and where
+        asked the members' [true class, predicted class] counts [P, classes, classes] (on the CPU)."""
+        size, classes = len(self.members), self.data.num_classes
         loss_sum = torch.zeros(size, device=self.device)
-        correct = torch.zeros(size, device=self.device)
+        counts = torch.zeros(size * classes * classes, dtype=torch.long, device=self.device)
+        offsets = torch.arange(size, device=self.device).unsqueeze(1) * classes * classes
         for start in range(0, len(split), self.eval_batch_size):
             x, y = split.x[start : start + self.eval_batch_size], split.y[start : start + self.eval_batch_size]
             with autocast(self.device, self.precision):
                 logits = self.net.forward(x, train=False)
             expanded = y.expand(size, -1)
-            loss_sum += (
-                F.cross_entropy(logits.flatten(0, 1).float(), expanded.flatten(), reduction="none")
-                .view(size, -1)
-                .sum(1)
-            )
-            correct += (logits.argmax(dim=2) == expanded).sum(dim=1)
-        return (loss_sum / len(split)).tolist(), (correct / len(split)).tolist()
+            per_sample = F.cross_entropy(logits.flatten(0, 1).float(), expanded.flatten(), reduction="none")
+            loss_sum += per_sample.view(size, -1).sum(dim=1)
+            cells = offsets + expanded * classes + logits.argmax(dim=2)
+            counts += torch.bincount(cells.flatten(), minlength=size * classes * classes)
+        matrices = counts.view(size, classes, classes)
+        correct = matrices.diagonal(dim1=1, dim2=2).sum(dim=1)
+        return (loss_sum / len(split)).tolist(), (correct / len(split)).tolist(), matrices.cpu() if confusion else None
 
     def _after_epoch(self, epoch: int) -> None:
         """Per live member: its model brought up to date, its best weights, its probe, and whether it stops."""
@@ -560,16 +563,24 @@ class PackedTrainer:
         member.probe_seconds += time.perf_counter() - start
 
     def results(self, train_seconds: float) -> list[MemberResult]:
-        """Each member's result, its model holding its trained weights (the best epoch's, if early
-        stopping restores them)."""
+        """Each member's result: its model holding its trained weights (the best epoch's, if early
+        stopping restores them) and, unless it failed, its test pass (the pack's, one stacked pass,
+        for the members whose final weights are the pack's)."""
+        test_loss, test_acc, confusion = self.evaluate(self.data.test, confusion=True)
         results = []
         for i, member in enumerate(self.members):
             if not member.done:
                 self.net.copy_to(i, member.model)
             stopping = member.stopping
             restores = member.error is None and stopping.enabled and stopping.restore_best
+            tested = None
+            if member.error is None:
+                tested = Evaluation(test_loss[i], test_acc[i], confusion[i])
             if restores and stopping.best_epoch(member.history) != member.history[-1].epoch:
                 member.best.restore(member.model)
+                tested = None  # tested alone, with the restored weights
+            elif member.done and member.error is None:
+                tested = None  # frozen before the end: the pack's weights are not its own
             results.append(
                 MemberResult(
                     history=member.history,
@@ -580,6 +591,7 @@ class PackedTrainer:
                     pack_size=len(self.members),
                     train_step=self.kind,
                     error=member.error,
+                    test=tested,
                 )
             )
         return results

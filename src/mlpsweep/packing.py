@@ -31,7 +31,6 @@ class Unit:
     """Jobs (indices into the sweep's list) trained as one pack, or one job that runs alone and why."""
 
     jobs: list[int]
-    device: torch.device | None = None
     reason: str | None = None  # why a job runs alone
 
     @property
@@ -93,7 +92,7 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> Pa
             if len(chunk) == 1:
                 units.append(Unit(chunk, reason="no other job of the sweep shares its shapes and step"))
             else:
-                units.append(Unit(chunk, devices[key]))
+                units.append(Unit(chunk))
     return PackPlan(sorted(units, key=lambda unit: unit.jobs[0]))
 
 
@@ -117,9 +116,10 @@ def segment_order(cfg: DictConfig) -> str:
     return repr(cfg.activation) + repr(cfg.norm)
 
 
-def train_pack(sweep_configs: Sequence[DictConfig], device: torch.device) -> list[MemberResult] | None:
-    """Train the jobs `sweep_configs` as one pack on `device`; their results in the same order.
-    None if the packed training itself failed (the error is logged and the jobs run alone)."""
+def train_pack(sweep_configs: Sequence[DictConfig]) -> list[MemberResult] | None:
+    """Train the jobs `sweep_configs` as one pack on their device (resolved here: a submitit task
+    runs on another machine); their results in the same order. None if the packed training itself
+    failed (the error is logged and the jobs run alone)."""
     from mlpsweep.cli import figure_epochs, fresh_state, make_deterministic, new_probe  # the job's own builders
     from mlpsweep.data import load_splits
 
@@ -127,6 +127,7 @@ def train_pack(sweep_configs: Sequence[DictConfig], device: torch.device) -> lis
     order = sorted(range(len(cfgs)), key=lambda i: segment_order(cfgs[i]))
     first = cfgs[0]
     try:
+        device = check_job_inputs(first)
         if first.trainer.deterministic:
             make_deterministic()
         torch.set_num_threads(cpu_threads(first.trainer.num_threads, None))

@@ -39,6 +39,8 @@ from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from hydra_plugins.mlpsweep_adaptive_seeds.adaptive_seeds_sweeper import AdaptiveSeedsSweeper
+from hydra_plugins.mlpsweep_packed_launcher.packed_launcher import PackedLauncher
+from hydra_plugins.mlpsweep_packed_launcher.packed_launcher import check_settings as check_packed_settings
 from mlpsweep import interrupt
 from mlpsweep.checkpoint import NOT_HASHED, config_hash
 from mlpsweep.checks import INPUT_ERRORS, check_job_inputs, check_tracking_server
@@ -66,6 +68,7 @@ from mlpsweep.tracking import (
 log = logging.getLogger(__name__)
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
 ADAPTIVE_SWEEPER = f"{AdaptiveSeedsSweeper.__module__}.{AdaptiveSeedsSweeper.__name__}"
+PACKED_LAUNCHER = f"{PackedLauncher.__module__}.{PackedLauncher.__name__}"
 # what hydra/sweeper=adaptive_seeds may compare (each run's last value): accuracies, so that precision
 # is in pp (by MLflow key; their names test_acc, val_acc and train_acc are accepted too, see metric_key)
 ADAPTIVE_METRICS = ("accuracy/test", "accuracy/val", "accuracy/train")
@@ -138,6 +141,9 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
         jobs = [fixed_overrides(config)]
     try:
         check_tracking_server(resolve_tracking_uri(config.tracking.uri))  # once for the sweep
+        if config.hydra.launcher._target_ == PACKED_LAUNCHER:
+            launcher = config.hydra.launcher
+            check_packed_settings(launcher.pack_size, launcher.backend, launcher.submitit)
     except INPUT_ERRORS as err:
         return [str(err)], None
     loader = GlobalHydra.instance().config_loader()

@@ -367,6 +367,9 @@ def log_model(model: nn.Module, example: torch.Tensor) -> None:
         name="model",
         input_example=example.detach().cpu().numpy().astype(np.float32),
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        # no reload of the saved model to try the example on it: a few hundred milliseconds per
+        # run, and on a GPU machine MLflow reloads it onto the GPU, which a CPU export refuses
+        validate_serving_input=False,
     )
 
 

@@ -2,30 +2,55 @@
 packs (mlpsweep.packed), then run each job through Hydra's own `run_job`, which logs a packed job's
 result as an ordinary run (its callbacks, output folder and return value as under the basic
 launcher). A job the packed step cannot train runs alone, as the basic launcher runs it, and the
-log says why."""
+log says why. With `backend=submitit` each pack (and each job that runs alone) is one task of a
+submitit job array (SLURM, or submitit's local executor), as Hydra's submitit launcher sends jobs.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from mlpsweep import interrupt
+from mlpsweep.config import require
 from mlpsweep.packed import MemberResult, member_result
-from mlpsweep.packing import plan_packs, train_pack
+from mlpsweep.packing import Unit, plan_packs, train_pack
 
 log = logging.getLogger(__name__)
+BACKENDS = ("local", "submitit")
+CLUSTERS = ("slurm", "local")
+
+
+def check_settings(pack_size: int | None, backend: str, submitit: Any) -> None:
+    """ConfigError for a launcher setting out of its range (the sweep checks them before it starts)."""
+    require(
+        pack_size is None or (isinstance(pack_size, int) and pack_size >= 1),
+        "hydra.launcher.pack_size",
+        pack_size,
+        "null or an integer of at least 1",
+    )
+    require(backend in BACKENDS, "hydra.launcher.backend", backend, " or ".join(BACKENDS))
+    if backend == "submitit":
+        require(
+            submitit.cluster in CLUSTERS, "hydra.launcher.submitit.cluster", submitit.cluster, " or ".join(CLUSTERS)
+        )
 
 
 class PackedLauncher(Launcher):
-    def __init__(self, pack_size: int | None = None) -> None:
+    def __init__(self, pack_size: int | None = None, backend: str = "local", submitit: Any = None) -> None:
         super().__init__()
+        check_settings(pack_size, backend, submitit)
         self.pack_size = pack_size
+        self.backend = backend
+        self.submitit = submitit
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -37,19 +62,22 @@ class PackedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         setup_globals()
-        assert self.hydra_context is not None and self.config is not None and self.task_function is not None
+        assert self.config is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        interrupt.install(launcher=True)
         configs = [self._compose(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
         plan = plan_packs(configs, self.pack_size)
         log.info(plan.summary())
         returns: dict[int, JobReturn] = {}
-        for unit in plan.units:
-            results = train_pack([configs[i] for i in unit.jobs], unit.device) if unit.packed else None
-            for position, i in enumerate(unit.jobs):
-                log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(job_overrides[i]))}")
-                returns[i] = self._run(configs[i], results[position] if results else None)
+        if self.backend == "submitit":
+            units = plan.units
+            results = self._submit([[list(job_overrides[i]) for i in u.jobs] for u in units], units, initial_job_idx)
+            for unit, unit_returns in zip(units, results):
+                returns.update(zip(unit.jobs, unit_returns))
+        else:
+            interrupt.install(launcher=True)
+            for unit in plan.units:
+                returns.update(zip(unit.jobs, self._run_unit([configs[i] for i in unit.jobs], unit.packed)))
         return [returns[i] for i in range(len(configs))]
 
     def _compose(self, overrides: Sequence[str], idx: int) -> DictConfig:
@@ -59,6 +87,16 @@ class PackedLauncher(Launcher):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
         return sweep_config
+
+    def _run_unit(self, sweep_configs: list[DictConfig], packed: bool) -> list[JobReturn]:
+        """Train a pack (or not, for a job that runs alone), then run each of its jobs."""
+        results = train_pack(sweep_configs) if packed else None
+        returns = []
+        for position, sweep_config in enumerate(sweep_configs):
+            overrides = " ".join(filter_overrides(sweep_config.hydra.overrides.task))
+            log.info(f"\t#{sweep_config.hydra.job.num} : {overrides}")
+            returns.append(self._run(sweep_config, results[position] if results else None))
+        return returns
 
     def _run(self, sweep_config: DictConfig, result: MemberResult | None) -> JobReturn:
         """Run one job with Hydra's `run_job`; a packed job's task logs `result` instead of training."""
@@ -73,3 +111,40 @@ class PackedLauncher(Launcher):
             )
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
+
+    # --- backend=submitit ---------------------------------------------------------------------------
+
+    def __call__(
+        self, overrides: list[list[str]], job_nums: list[int], packed: bool, state: dict[Any, Any]
+    ) -> list[JobReturn]:
+        """One submitit task (in its own process, on a node of the cluster): a pack, or a job alone."""
+        Singleton.set_state(state)
+        setup_globals()
+        interrupt.install(launcher=False)
+        return self._run_unit([self._compose(o, num) for o, num in zip(overrides, job_nums)], packed)
+
+    def _submit(
+        self, overrides: list[list[list[str]]], units: list[Unit], initial_job_idx: int
+    ) -> list[list[JobReturn]]:
+        """Send every unit to the cluster as one task of a job array; wait for their job returns."""
+        import submitit
+
+        assert self.config is not None
+        settings = self.submitit
+        folder = Path(str(self.config.hydra.sweep.dir)) / ".submitit" / "%j"
+        executor = submitit.AutoExecutor(folder=folder, cluster=settings.cluster)
+        parameters = {
+            "timeout_min": settings.timeout_min,
+            "gpus_per_node": settings.gpus_per_node,
+            "cpus_per_task": settings.cpus_per_task,
+            "mem_gb": settings.mem_gb,
+            "name": str(self.config.hydra.job.name),
+        }
+        if settings.cluster == "slurm":
+            parameters.update(slurm_partition=settings.partition, slurm_array_parallelism=settings.array_parallelism)
+        executor.update_parameters(**parameters)
+        nums = [[initial_job_idx + i for i in unit.jobs] for unit in units]
+        state = Singleton.get_state()
+        jobs = executor.map_array(self, overrides, nums, [u.packed for u in units], [state] * len(units))
+        log.info(f"submitted {len(jobs)} tasks ({settings.cluster}): {', '.join(j.job_id for j in jobs)}")
+        return [job.results()[0] for job in jobs]
