@@ -15,5 +15,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
 "$python" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$out/gpu.txt"
 timeout 200 "$python" -m pytest -q -rs -p no:cacheprovider -o addopts="" \
     tests/test_packed.py tests/test_steps.py tests/test_resume.py -k "cuda or gpu" 2>&1 | tee "$out/tests.txt"
-timeout 150 "$python" benchmarks/bench_sweep.py --sweeps lecture --launchers packed 2>&1 | tee "$out/bench_lecture.txt"
-timeout 330 "$python" benchmarks/bench_sweep.py --sweeps a,c --launchers basic,packed 2>&1 | tee "$out/bench_sweep.txt"
+timeout 150 "$python" benchmarks/bench_sweep.py --sweeps lecture --launchers packed --logs "$out" 2>&1 | tee "$out/bench_lecture.txt"
+timeout 330 "$python" benchmarks/bench_sweep.py --sweeps a,c --launchers packed,basic --logs "$out" 2>&1 | tee "$out/bench_sweep.txt"

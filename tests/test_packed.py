@@ -206,6 +206,8 @@ def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Pa
         children[launcher] = {r.info.run_name: r for r in runs if r not in parents}
         assert len(children[launcher]) == 4
         assert all(r.info.status == "FINISHED" for r in children[launcher].values())
+        # the first metric a run logs is what MLflow's compare view plots by default
+        assert {next(iter(r.data.metrics)) for r in children[launcher].values()} == {"accuracy/val"}
     assert children["basic"].keys() == children["packed"].keys()
     for name, basic in children["basic"].items():
         packed = children["packed"][name]
@@ -261,3 +263,60 @@ def test_a_bad_launcher_setting_stops_the_sweep_before_it_starts(
     assert done.returncode == 2, done.stderr[-2000:]
     assert named in done.stdout + done.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_packed_sweep_fails_resumes_and_feeds_optuna_like_a_basic_one(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """Failure handling and resume: diverging members fail alone (exit 1, the parent FAILED), a
+    resumed sweep skips the finished configs and trains only the others; and Optuna's trials,
+    launched in batches, get their objective from packed jobs."""
+    small = ["depth.widths=[16]", "trainer.max_epochs=1", "probe.enabled=false"]
+    sweep = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "seed=0,1", "optimizer.lr=0.1,1e30",
+             *small, *tiny_overrides(tiny_mnist_root, tmp_path), "tracking.sweep_name=packed-resume"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    first = subprocess.run(
+        [*sweep, f"hydra.sweep.dir={tmp_path / 'm1'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert first.returncode == 1, first.stderr[-3000:]
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment = client.get_experiment_by_name("mlpsweep").experiment_id
+    children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    resumed = subprocess.run(
+        [*sweep, "resume=true", f"hydra.sweep.dir={tmp_path / 'm2'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    assert (
+        resumed.stdout.count("it already finished (resume=true skips it)")
+        + resumed.stderr.count("it already finished (resume=true skips it)")
+        == 2
+    )
+    children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
+    assert (
+        sorted(r.info.status for r in children) == ["FAILED"] * 4 + ["FINISHED"] * 2
+    )  # only the diverging ones ran again
+
+    optuna = [sys.executable, str(REPO_ROOT / "train.py"), "hparams_search=optuna", "hydra/launcher=packed",
+              "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "~hydra.sweeper.params.depth", *small,
+              *tiny_overrides(tiny_mnist_root, tmp_path / "optuna"), f"hydra.sweep.dir={tmp_path / 'o'}"]  # fmt: skip
+    (tmp_path / "optuna").mkdir()
+    done = subprocess.run(
+        optuna, cwd=tmp_path / "optuna", env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.stdout + done.stderr).count("in 1 packs (2)") == 2  # two batches of two trials
+    import yaml
+
+    results = yaml.safe_load((tmp_path / "o" / "optimization_results.yaml").read_text())
+    assert 0 < results["best_value"] <= 1

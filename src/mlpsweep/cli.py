@@ -182,7 +182,7 @@ def train_in_run(
             log.info(f"resume: run {run_id} continues after epoch {len(history)}")
             tracking.log_missing_epochs(history)
         elif probe_log:
-            probe_log(0)  # the distributions at initialisation
+            probe_log.snapshot(0)  # the distributions at initialisation, logged after epoch 1's metrics
 
         def on_epoch_end(history: list[EpochMetrics]) -> None:
             if stopping.enabled and stopping.restore_best:
@@ -194,16 +194,19 @@ def train_in_run(
             log.info(metrics.log_line() + (f" lr {metrics.lr:.4g}" if cfg.scheduler.name != "none" else ""))
             tracking.log_epoch(metrics)
             if probe_log:
+                probe_log.log_waiting()
                 probe_log(metrics.epoch, final=stopping.should_stop(history))
 
         try:
             history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history, schedule)
         except DivergenceError:
+            if probe_log:
+                probe_log.log_waiting()
             drawn.log_all()  # the probe's figures up to the divergence
             raise
         if stopping.enabled and stopping.restore_best and stopping.best_epoch(history) != history[-1].epoch:
             best.restore(model)
-        test_and_log(cfg, model, data, history, probe_log, drawn, run_seconds=time.perf_counter() - start)
+        test_and_log(cfg, model, data, history, probe_log, drawn, started=start)
     return history
 
 
@@ -214,12 +217,13 @@ def test_and_log(
     history: list[EpochMetrics],
     probe_log: tracking.ProbeLog | None,
     drawn: Figures,
-    run_seconds: float,
+    started: float,
     tested: Evaluation | None = None,
 ) -> None:
     """The end of a job's run, its model trained (holding the best epoch's weights where early
     stopping restores them): where it stopped, the test pass (unless `tested` holds it), the
-    figures, the probe and the model (logged while `drawn` draws the figures; they are logged last)."""
+    figures, the probe (its share of the run since `started`, a perf_counter time) and the model
+    (logged while `drawn` draws the figures; they are logged last)."""
     stopping = EarlyStopping.from_config(cfg.trainer.early_stopping)
     if stopping.enabled:
         best_epoch = stopping.best_epoch(history)
@@ -227,12 +231,14 @@ def test_and_log(
         if stopping.restore_best and best_epoch != history[-1].epoch:
             log.info(f"early stopping: testing the weights of epoch {best_epoch}, the best {stopping.monitor}")
     if tested is None:
-        tested = evaluate_with_confusion(model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision)
+        tested = evaluate_with_confusion(
+            model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision
+        )
     log.info(f"Test >> loss {tested.loss:.5f} acc {tested.accuracy:.5f}")
     tracking.log_test(tested.loss, tested.accuracy)
     tracking.log_run_figures(history, tested.confusion, tracking.run_name(cfg), drawn)
     if probe_log:
-        probe_log.finish(run_seconds=run_seconds)
+        probe_log.finish(started)
     if cfg.tracking.log_model:
         tracking.log_model(model, data.test.x[:5])
     drawn.log_all()
@@ -252,15 +258,16 @@ def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSp
                 title = tracking.run_name(cfg)
                 probe_log = tracking.ProbeLog(new_probe(cfg, model, data), figure_epochs(cfg), title, drawn)
                 probe_log.seconds = result.probe_seconds
-                for snapshot in result.snapshots:
-                    probe_log.record(snapshot)
             for metrics in result.history:
                 log.info(metrics.log_line())
-            tracking.log_epochs(result.history)
+            tracking.log_epochs(result.history)  # before the probe's: the compare view plots the first metric
+            for snapshot in result.snapshots if probe_log else ():
+                probe_log.record(snapshot)
             if result.error is not None:
                 drawn.log_all()
                 raise result.error
-            test_and_log(cfg, model, data, result.history, probe_log, drawn, result.train_seconds, result.test)
+            started = time.perf_counter() - result.train_seconds  # the pack's training is part of the run
+            test_and_log(cfg, model, data, result.history, probe_log, drawn, started, result.test)
     return max(m.val_acc for m in result.history)
 
 

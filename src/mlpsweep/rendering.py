@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,16 @@ def worker_pool() -> ProcessPoolExecutor:
     global _pool
     if _pool is None:
         workers = max(1, min(4, (os.cpu_count() or 2) // 2))  # leave half the cores to the jobs
-        _pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        _pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_leave_interrupts
+        )
         atexit.register(_pool.shutdown, wait=True, cancel_futures=True)
     return _pool
+
+
+def _leave_interrupts() -> None:
+    """A worker ignores Ctrl-C (it reaches the whole process group): the job decides what stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Figures:

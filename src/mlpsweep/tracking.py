@@ -261,10 +261,22 @@ def split_datasets(data_cfg: DictConfig, data: DataSplits, files_digest: str) ->
     return datasets
 
 
+DATASET_ATTEMPTS = 3
+
+
 def log_datasets(data_cfg: DictConfig, data: DataSplits, files_digest: str) -> None:
     """Log the splits (see split_datasets) as the active run's dataset inputs."""
     datasets = split_datasets(data_cfg, data, files_digest)
-    mlflow.log_inputs(list(datasets.values()), contexts=list(datasets), tags_list=[None] * len(datasets))
+    for attempt in range(DATASET_ATTEMPTS):
+        try:
+            mlflow.log_inputs(list(datasets.values()), contexts=list(datasets), tags_list=[None] * len(datasets))
+            return
+        except mlflow.exceptions.MlflowException as err:
+            # parallel jobs logging the same splits at once race the store's insert of a dataset's
+            # row (a unique-key violation); the transaction rolled back, and a retry finds the row
+            if attempt == DATASET_ATTEMPTS - 1 or "unique" not in str(err).lower():
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def browse_hint(tracking_uri: str, experiment_id: str, run_name: str) -> str:
@@ -322,6 +334,7 @@ class ProbeLog:
         self.frames: list[Path] = []
         self.histograms: dict[int, dict[str, Any]] = {}
         self.gradient_norms: dict[int, dict[str, float]] = {}  # epoch -> layer -> weight-gradient norm
+        self.waiting: Snapshot | None = None  # taken, not yet logged (see `snapshot`)
         self.seconds = 0.0
 
     def __call__(self, epoch: int, final: bool = False) -> None:
@@ -330,6 +343,19 @@ class ProbeLog:
         snapshot = self.probe.snapshot(epoch, with_histograms=epoch in self.figure_epochs or final)
         self.seconds += time.perf_counter() - start
         self.record(snapshot)
+
+    def snapshot(self, epoch: int) -> None:
+        """Take the probe's snapshot at `epoch` (a figure epoch) now, and log it at `log_waiting`:
+        the run's first metrics are then its epoch metrics (MLflow's compare view plots the first)."""
+        start = time.perf_counter()
+        self.waiting = self.probe.snapshot(epoch, with_histograms=True)
+        self.seconds += time.perf_counter() - start
+
+    def log_waiting(self) -> None:
+        """Log the snapshot that `snapshot` took, if any."""
+        if self.waiting is not None:
+            self.record(self.waiting)
+            self.waiting = None
 
     def record(self, snapshot: Snapshot) -> None:
         """Log a snapshot taken at its epoch: its metrics, and its figure where it has histograms."""
@@ -348,14 +374,18 @@ class ProbeLog:
             self.histograms[epoch] = {name: asdict(layer) for name, layer in snapshot.layers.items()}
         self.seconds += time.perf_counter() - start
 
-    def finish(self, run_seconds: float) -> None:
+    def finish(self, started: float) -> None:
+        """The histograms, the gradient-norm figure and GIF, and the probe's time and its share of
+        the run since `started` (a perf_counter time, before the probe's first snapshot)."""
         start = time.perf_counter()
+        self.log_waiting()
         mlflow.log_dict(self.histograms, "probe/histograms.json")
         if self.gradient_norms:
             self.drawn.add("gradient_norms", (self.gradient_norms, self.title), "probe/gradient_norms.png")
         if len(self.frames) > 1:
             self.drawn.add_gif(self.frames, "probe/activations.gif")
         self.seconds += time.perf_counter() - start
+        run_seconds = time.perf_counter() - started
         mlflow.log_metrics({"probe_time_s": self.seconds, "probe_time_frac": self.seconds / run_seconds})
         log.info(f"probe: {self.seconds:.2f}s, {100 * self.seconds / run_seconds:.1f}% of the run")
 
