@@ -86,6 +86,34 @@ def test_a_mixed_pack_trains_each_member_as_its_solo_run(tiny_cfg: Callable[...,
         assert_same_run(result, *solo(cfg))
 
 
+BACKPROP_PACKS = {  # packs the CPU's hand-derived packed step trains (ReLU-likes, sigmoid, tanh; batch norm)
+    "plain SGD, updates fused": [
+        ["activation=relu", "norm=none", "seed=0"],
+        ["activation=tanh", "norm=batchnorm", "seed=1", "optimizer.lr=0.05"],
+        ["activation=sigmoid", "norm=batchnorm", "seed=2", "optimizer.lr=0.3", "scheduler=onecycle"],
+        ["activation=leaky_relu", "norm=none", "seed=3"],
+    ],
+    "momentum and weight decay, no biases": [
+        ["activation=relu", "norm=batchnorm", "seed=0", "optimizer=sgd_momentum"],
+        ["activation=tanh", "norm=none", "seed=1", "optimizer.weight_decay=1e-3"],
+        ["activation=sigmoid", "norm=batchnorm", "seed=2", "optimizer=sgd_momentum", "optimizer.nesterov=true"],
+        ["activation=relu", "norm=none", "seed=3", "scheduler=step", "scheduler.step_size=5"],
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(BACKPROP_PACKS))
+def test_the_cpus_packed_backprop_step_trains_each_member_as_its_solo_run(
+    tiny_cfg: Callable[..., DictConfig], name: str
+) -> None:
+    biases = ["model.bias=false"] if "no biases" in name else []
+    cfgs = [tiny_cfg(*STEPS, "probe.enabled=false", *biases, *overrides) for overrides in BACKPROP_PACKS[name]]
+    results = pack(cfgs)
+    assert {result.train_step for result in results} == {"packed_backprop"}
+    for cfg, result in zip(cfgs, results, strict=True):
+        assert_same_run(result, *solo(cfg))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_cuda_pack_is_one_graph_and_matches_solo_cuda_runs(tiny_cfg: Callable[..., DictConfig]) -> None:
     """On a GPU the pack's step is one CUDA graph and each solo run's too; cuBLAS's batched and
@@ -213,7 +241,7 @@ def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Pa
         packed = children["packed"][name]
         assert set(basic.data.metrics) == set(packed.data.metrics)
         assert set(basic.data.params) == set(packed.data.params)
-        assert packed.data.params["train_step"] == "packed"
+        assert packed.data.params["train_step"] == "packed_backprop"  # relu and tanh, batch norm: the hand-derived packed step
         for key in ("accuracy/test", "loss/test"):
             assert packed.data.metrics[key] == pytest.approx(basic.data.metrics[key], abs=1e-4), (name, key)
     name = next(iter(children["packed"]))
@@ -243,7 +271,7 @@ def test_packs_run_as_submitit_tasks(tiny_mnist_root: Path, tmp_path: Path) -> N
     runs = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 5 and len(children) == 4
-    assert all(r.info.status == "FINISHED" and r.data.params["train_step"] == "packed" for r in runs if r in children)
+    assert all(r.info.status == "FINISHED" and r.data.params["train_step"].startswith("packed") for r in runs if r in children)
     assert len(list((tmp_path / "m" / ".submitit").rglob("*_log.out"))) == 2  # one task per pack
 
 

@@ -14,7 +14,9 @@ member at its own rate, and the loss is the sum of the members' mean cross-entro
 member's gradient is its own. `PackedOptimizer` applies torch.optim's SGD, Adam or AdamW update
 with every hyper-parameter a per-member tensor, read from the member's own optimizer, which its
 schedule steps as in a solo run. On a GPU the whole step (gather of the batches, forward, backward,
-update) is one CUDA graph.
+update) is one CUDA graph; on a CPU, for the activations and norms the solo `backprop` step handles,
+the gradients are written out (`StackedMLP.backprop_step`), and plain SGD updates each stacked
+weight inside the batched product that computes its gradient; else autograd computes them.
 
 A member that diverges fails alone and one that early stopping stops is done: both are frozen
 (learning rate 0, loss left out), and the rest go on. What each member did (its epochs, its probe
@@ -41,7 +43,7 @@ from mlpsweep.early_stopping import BestWeights, EarlyStopping
 from mlpsweep.engine import DIVERGENCE_CHECK_EVERY, DivergenceError, EpochMetrics, Evaluation
 from mlpsweep.probe import ActivationProbe, Snapshot
 from mlpsweep.schedulers import Schedule, current_lr
-from mlpsweep.steps import GRAPH_WARMUP_STEPS, autocast
+from mlpsweep.steps import GRAPH_WARMUP_STEPS, _activation, autocast
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,106 @@ class StackedMLP:
             z = F.layer_norm(z, z.shape[-1:], eps=norm.eps)
             z = z * self.gammas[layer][rows].unsqueeze(1) + self.betas[layer][rows].unsqueeze(1)
         return segment.activation(z)
+
+    def backprop_supported(self) -> bool:
+        """Whether `backprop_step` handles every member: ReLU, LeakyReLU, sigmoid or tanh, and no
+        norm or batch norm (as the solo `backprop` step)."""
+        return all(
+            _activation(s.activation) is not None and (s.norm is None or isinstance(s.norm, nn.BatchNorm1d))
+            for s in self.segments
+        )
+
+    @torch.no_grad()
+    def backprop_step(self, x: Tensor, y: Tensor, scale: Tensor, lr: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Forward, per-member mean cross-entropy and its gradients written out, as the solo `backprop`
+        step computes them (steps.py), for the batches x [P, B, in], y [P, B]; each member's gradient
+        multiplied by `scale` [P] (0 leaves a frozen member out). With `lr` [P] (plain SGD) each weight
+        is updated inside the batched product that computes its gradient and no gradient is returned;
+        else the gradients, in the order of `params`. Returns the losses [P], logits and gradients."""
+        batch = y.shape[1]
+        inputs, outputs, saved, masks = [], [], [], []
+        a = x
+        for layer in range(len(self.gammas)):
+            inputs.append(a)
+            z = _linear_stacked(a, self.weights[layer], self.biases[layer])
+            parts = []
+            for segment in self.segments:
+                h = z[segment.start : segment.stop]
+                if isinstance(segment.norm, nn.BatchNorm1d):
+                    h, normalised = self._batch_norm_train(h, segment, layer)
+                    saved.append(normalised)
+                h = _activation(segment.activation).forward(h)
+                parts.append(h)
+            a = torch.cat(parts) if len(parts) > 1 else parts[0]
+            outputs.append(a)
+            if self.dropout:
+                masks.append((torch.rand_like(a) < self.keep).to(a.dtype) / self.keep)
+                a = a * masks[-1]
+        inputs.append(a)
+        logits = _linear_stacked(a, self.weights[-1], self.biases[-1])
+        log_probs = torch.log_softmax(logits, dim=2)
+        losses = -log_probs.gather(2, y.unsqueeze(2)).squeeze(2).mean(dim=1)
+        grad = log_probs.exp_().scatter_add_(2, y.unsqueeze(2), torch.full_like(y, -1, dtype=logits.dtype).unsqueeze(2))
+        grad.mul_((scale / batch).view(-1, 1, 1))  # dL/dlogits
+        lr3 = lr.view(-1, 1, 1).to(grad.dtype) if lr is not None else None
+        grads: dict[int, Tensor] = {}
+        for layer in reversed(range(len(self.weights))):
+            weight, bias = self.weights[layer], self.biases[layer]
+            grad_input = torch.bmm(grad, weight) if layer > 0 else None  # before the weight changes
+            if lr3 is not None:
+                scaled = grad * lr3
+                weight.baddbmm_(scaled.transpose(1, 2), inputs[layer], alpha=-1)
+                if bias is not None:
+                    bias.sub_(scaled.sum(dim=1))
+            else:
+                grads[id(weight)] = torch.bmm(grad.transpose(1, 2), inputs[layer])
+                if bias is not None:
+                    grads[id(bias)] = grad.sum(dim=1)
+            if layer == 0:
+                break
+            hidden = layer - 1
+            grad = grad_input * masks[hidden] if self.dropout else grad_input
+            self._block_backward(grad, outputs[hidden], saved, hidden, lr, grads)
+        return losses, logits, [grads[id(t)] for t in self.params] if lr is None else []
+
+    def _batch_norm_train(self, z: Tensor, segment: Segment, layer: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Training-mode batch norm of a segment's slice: its output, and (normalised input, 1/std) for the backward pass."""
+        norm, rows = segment.norm, slice(segment.start, segment.stop)
+        var, mean = torch.var_mean(z, dim=1, unbiased=False, keepdim=True)
+        n = z.shape[1]
+        self.running_means[layer][rows].mul_(1 - norm.momentum).add_(mean.squeeze(1), alpha=norm.momentum)
+        self.running_vars[layer][rows].mul_(1 - norm.momentum).add_(var.squeeze(1) * (n / (n - 1)), alpha=norm.momentum)
+        self.batches_tracked[layer][rows].add_(1)
+        invstd = torch.rsqrt(var + norm.eps)
+        normalised = (z - mean) * invstd
+        out = normalised * self.gammas[layer][rows].unsqueeze(1) + self.betas[layer][rows].unsqueeze(1)
+        return out, (normalised, invstd)
+
+    def _block_backward(
+        self, grad: Tensor, output: Tensor, saved: list, layer: int, lr: Tensor | None, grads: dict[int, Tensor]
+    ) -> None:
+        """In place: dL/d(activation output) of hidden layer `layer` -> dL/d(its linear output), per
+        segment (activation, then batch norm, whose weights are updated or their gradients kept)."""
+        gamma, beta = self.gammas[layer], self.betas[layer]
+        if lr is None and any(segment.norm is not None for segment in self.segments):
+            grads[id(gamma)], grads[id(beta)] = torch.zeros_like(gamma), torch.zeros_like(beta)
+        for segment in reversed(self.segments):
+            rows = slice(segment.start, segment.stop)
+            part = _activation(segment.activation).scale_grad(grad[rows], output[rows])
+            if isinstance(segment.norm, nn.BatchNorm1d):
+                normalised, invstd = saved.pop()
+                grad_gamma, grad_beta = (part * normalised).sum(dim=1), part.sum(dim=1)
+                scaled = part * gamma[rows].unsqueeze(1)
+                n = part.shape[1]
+                dz = invstd / n * (
+                    n * scaled - scaled.sum(dim=1, keepdim=True) - normalised * (scaled * normalised).sum(dim=1, keepdim=True)
+                )
+                grad[rows].copy_(dz)
+                if lr is not None:
+                    gamma[rows].sub_(grad_gamma * lr[rows].unsqueeze(1).to(gamma.dtype))
+                    beta[rows].sub_(grad_beta * lr[rows].unsqueeze(1).to(beta.dtype))
+                else:
+                    grads[id(gamma)][rows], grads[id(beta)][rows] = grad_gamma, grad_beta
 
     @torch.no_grad()
     def copy_to(self, member: int, model: nn.Sequential) -> None:
@@ -401,8 +503,12 @@ class PackedTrainer:
             member.optimizer._opt_called = True
         self.alive = torch.ones(len(members), dtype=torch.bool, device=device)
         self.per_step = any(m.schedule.per_step for m in members)
-        self.kind = "packed_cuda_graph" if device.type == "cuda" else "packed"
-        self._step = self._graph_step() if device.type == "cuda" else self._eager_step
+        if device.type == "cuda":
+            self.kind, self._step = "packed_cuda_graph", self._graph_step()
+        elif self.precision == "fp32" and self.net.backprop_supported():
+            self.kind, self._step = "packed_backprop", self._backprop_step
+        else:
+            self.kind, self._step = "packed", self._eager_step
 
     def _load_hypers(self) -> None:
         self.optimizer.load([m.optimizer.param_groups[0] for m in self.members], [m.done for m in self.members])
@@ -421,6 +527,18 @@ class PackedTrainer:
         grads = torch.autograd.grad(total, self.net.params)
         self.optimizer.step(grads)
         return losses.detach(), logits.detach()
+
+    def _backprop_step(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The step with its gradients written out (StackedMLP.backprop_step); plain SGD updates the
+        weights inside the products that compute their gradients."""
+        x, y = self.data.train.x[index], self.data.train.y[index]
+        optimizer = self.optimizer
+        plain = optimizer.kind == "sgd" and not optimizer.momentum and not optimizer.weight_decay
+        lr = optimizer.hypers["lr"] if plain else None
+        losses, logits, grads = self.net.backprop_step(x, y, self.alive.to(x.dtype), lr)
+        if grads:
+            optimizer.step(grads)
+        return losses, logits
 
     def _graph_step(self) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         """The eager step captured in one CUDA graph: each call copies the batch indices in and replays."""
