@@ -62,6 +62,18 @@ def write_tiny_mnist(root: Path, folder: str = "MNIST", seed: int = 0) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tests train tiny batches in process, two test processes at a time (pytest-xdist): one torch
+    thread each, as two threads per process on two cores wait on each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_mnist(tmp_path_factory.mktemp("tiny_mnist"))
@@ -79,6 +91,7 @@ def tiny_overrides(data_root: Path, store_dir: Path | None = None) -> list[str]:
         "trainer.max_epochs=2",
         "trainer.progress_bar=false",
         "trainer.device=cpu",
+        "trainer.num_threads=1",  # tiny batches; two test processes share the cores
         "tracking.log_model=false",
     ]
     return overrides + ([f"tracking.uri={sqlite_uri(store_dir)}"] if store_dir else [])

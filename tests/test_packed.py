@@ -29,6 +29,7 @@ from mlpsweep.packing import plan_packs
 from mlpsweep.stats import welch_difference
 from mlpsweep.tracking import run_name
 
+
 STEPS = ["data.limit_train=64", "trainer.max_epochs=25", "depth.widths=[48,24]"]  # 2 steps an epoch: 50 steps
 CPU = torch.device("cpu")
 
@@ -241,7 +242,9 @@ def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Pa
         packed = children["packed"][name]
         assert set(basic.data.metrics) == set(packed.data.metrics)
         assert set(basic.data.params) == set(packed.data.params)
-        assert packed.data.params["train_step"] == "packed_backprop"  # relu and tanh, batch norm: the hand-derived packed step
+        assert (
+            packed.data.params["train_step"] == "packed_backprop"
+        )  # relu and tanh, batch norm: the hand-derived packed step
         for key in ("accuracy/test", "loss/test"):
             assert packed.data.metrics[key] == pytest.approx(basic.data.metrics[key], abs=1e-4), (name, key)
     name = next(iter(children["packed"]))
@@ -271,7 +274,9 @@ def test_packs_run_as_submitit_tasks(tiny_mnist_root: Path, tmp_path: Path) -> N
     runs = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 5 and len(children) == 4
-    assert all(r.info.status == "FINISHED" and r.data.params["train_step"].startswith("packed") for r in runs if r in children)
+    assert all(
+        r.info.status == "FINISHED" and r.data.params["train_step"].startswith("packed") for r in runs if r in children
+    )
     assert len(list((tmp_path / "m" / ".submitit").rglob("*_log.out"))) == 2  # one task per pack
 
 
@@ -294,11 +299,11 @@ def test_a_bad_launcher_setting_stops_the_sweep_before_it_starts(
 
 
 def test_a_packed_sweep_fails_resumes_and_feeds_optuna_like_a_basic_one(tiny_mnist_root: Path, tmp_path: Path) -> None:
-    """Failure handling and resume: diverging members fail alone (exit 1, the parent FAILED), a
-    resumed sweep skips the finished configs and trains only the others; and Optuna's trials,
-    launched in batches, get their objective from packed jobs."""
+    """Failure handling and resume: a diverging member fails alone (exit 1), a resumed sweep skips
+    the finished config and trains only the other; and Optuna's trials, launched in batches, get
+    their objective from packed jobs."""
     small = ["depth.widths=[16]", "trainer.max_epochs=1", "probe.enabled=false"]
-    sweep = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "seed=0,1", "optimizer.lr=0.1,1e30",
+    sweep = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "seed=0", "optimizer.lr=0.1,1e30",
              *small, *tiny_overrides(tiny_mnist_root, tmp_path), "tracking.sweep_name=packed-resume"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     first = subprocess.run(
@@ -314,7 +319,7 @@ def test_a_packed_sweep_fails_resumes_and_feeds_optuna_like_a_basic_one(tiny_mni
     client = MlflowClient(sqlite_uri(tmp_path))
     experiment = client.get_experiment_by_name("mlpsweep").experiment_id
     children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
-    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
     resumed = subprocess.run(
         [*sweep, "resume=true", f"hydra.sweep.dir={tmp_path / 'm2'}"],
         cwd=tmp_path,
@@ -325,15 +330,9 @@ def test_a_packed_sweep_fails_resumes_and_feeds_optuna_like_a_basic_one(tiny_mni
         check=False,
     )
     assert resumed.returncode == 1, resumed.stderr[-3000:]
-    assert (
-        resumed.stdout.count("it already finished (resume=true skips it)")
-        + resumed.stderr.count("it already finished (resume=true skips it)")
-        == 2
-    )
+    assert (resumed.stdout + resumed.stderr).count("it already finished (resume=true skips it)") == 1
     children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
-    assert (
-        sorted(r.info.status for r in children) == ["FAILED"] * 4 + ["FINISHED"] * 2
-    )  # only the diverging ones ran again
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED"]  # only the diverging one again
 
     optuna = [sys.executable, str(REPO_ROOT / "train.py"), "hparams_search=optuna", "hydra/launcher=packed",
               "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "~hydra.sweeper.params.depth", *small,

@@ -21,7 +21,7 @@ RACE_ERRORS = ("database is locked", "duplicate column", "already exists")
 def sweep_command(data_root: Path, store_dir: Path, sweep_dir: Path, n_jobs: int, seeds: str) -> list[str]:
     return [
         sys.executable, str(REPO_ROOT / "train.py"), "--multirun",
-        *tiny_overrides(data_root, store_dir), "depth.widths=[32]", "probe.figure_every=10",
+        *tiny_overrides(data_root, store_dir), "trainer.num_threads=null", "depth.widths=[32]", "probe.figure_every=10",
         "activation=sigmoid,relu", "norm=none,batchnorm", f"seed={seeds}",
         "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}", f"hydra.sweep.dir={sweep_dir}",
     ]  # fmt: skip
