@@ -29,7 +29,6 @@ from mlpsweep.packing import plan_packs
 from mlpsweep.stats import welch_difference
 from mlpsweep.tracking import run_name
 
-
 STEPS = ["data.limit_train=64", "trainer.max_epochs=25", "depth.widths=[48,24]"]  # 2 steps an epoch: 50 steps
 CPU = torch.device("cpu")
 

@@ -43,12 +43,12 @@ from mlpsweep.early_stopping import BestWeights, EarlyStopping
 from mlpsweep.engine import DIVERGENCE_CHECK_EVERY, DivergenceError, EpochMetrics, Evaluation
 from mlpsweep.probe import ActivationProbe, Snapshot
 from mlpsweep.schedulers import Schedule, current_lr
-from mlpsweep.steps import GRAPH_WARMUP_STEPS, _activation, autocast
+from mlpsweep.steps import GRAPH_WARMUP_STEPS, activation_in_place, autocast
 
 log = logging.getLogger(__name__)
 
-# optimizers whose update PackedOptimizer applies, with the settings it leaves at their defaults
-PACKED_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# the optimizers whose update PackedOptimizer applies
+PACKED_OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def pack_key(cfg: DictConfig) -> str:
@@ -173,12 +173,14 @@ class StackedMLP:
         """Whether `backprop_step` handles every member: ReLU, LeakyReLU, sigmoid or tanh, and no
         norm or batch norm (as the solo `backprop` step)."""
         return all(
-            _activation(s.activation) is not None and (s.norm is None or isinstance(s.norm, nn.BatchNorm1d))
+            activation_in_place(s.activation) is not None and (s.norm is None or isinstance(s.norm, nn.BatchNorm1d))
             for s in self.segments
         )
 
     @torch.no_grad()
-    def backprop_step(self, x: Tensor, y: Tensor, scale: Tensor, lr: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def backprop_step(
+        self, x: Tensor, y: Tensor, scale: Tensor, lr: Tensor | None
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Forward, per-member mean cross-entropy and its gradients written out, as the solo `backprop`
         step computes them (steps.py), for the batches x [P, B, in], y [P, B]; each member's gradient
         multiplied by `scale` [P] (0 leaves a frozen member out). With `lr` [P] (plain SGD) each weight
@@ -196,7 +198,7 @@ class StackedMLP:
                 if isinstance(segment.norm, nn.BatchNorm1d):
                     h, normalised = self._batch_norm_train(h, segment, layer)
                     saved.append(normalised)
-                h = _activation(segment.activation).forward(h)
+                h = activation_in_place(segment.activation).forward(h)
                 parts.append(h)
             a = torch.cat(parts) if len(parts) > 1 else parts[0]
             outputs.append(a)
@@ -253,14 +255,20 @@ class StackedMLP:
             grads[id(gamma)], grads[id(beta)] = torch.zeros_like(gamma), torch.zeros_like(beta)
         for segment in reversed(self.segments):
             rows = slice(segment.start, segment.stop)
-            part = _activation(segment.activation).scale_grad(grad[rows], output[rows])
+            part = activation_in_place(segment.activation).scale_grad(grad[rows], output[rows])
             if isinstance(segment.norm, nn.BatchNorm1d):
                 normalised, invstd = saved.pop()
                 grad_gamma, grad_beta = (part * normalised).sum(dim=1), part.sum(dim=1)
                 scaled = part * gamma[rows].unsqueeze(1)
                 n = part.shape[1]
-                dz = invstd / n * (
-                    n * scaled - scaled.sum(dim=1, keepdim=True) - normalised * (scaled * normalised).sum(dim=1, keepdim=True)
+                dz = (
+                    invstd
+                    / n
+                    * (
+                        n * scaled
+                        - scaled.sum(dim=1, keepdim=True)
+                        - normalised * (scaled * normalised).sum(dim=1, keepdim=True)
+                    )
                 )
                 grad[rows].copy_(dz)
                 if lr is not None:

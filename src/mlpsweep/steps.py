@@ -159,7 +159,7 @@ class Activation(NamedTuple):
     scale_grad: Callable[[Tensor, Tensor], Tensor]
 
 
-def _activation(module: nn.Module) -> Activation | None:
+def activation_in_place(module: nn.Module) -> Activation | None:
     """The in-place forward and derivative of an activation module, or None if there is none here."""
     if isinstance(module, nn.ReLU):
         return Activation(torch.relu_, lambda grad, out: grad.masked_fill_(out <= 0, 0.0))
@@ -208,7 +208,7 @@ def backprop_layers(model: nn.Module) -> list[Layer] | None:
         if len(parts) not in (2, 3) or not isinstance(parts[0], nn.Linear):
             return None
         norm = _batch_norm(parts[1]) if len(parts) == 3 else None
-        activation = _activation(parts[-1])
+        activation = activation_in_place(parts[-1])
         if activation is None or (len(parts) == 3 and norm is None):
             return None
         layers.append(Layer(parts[0], norm, activation, dropout.p if dropout is not None else 0.0))
