@@ -585,12 +585,17 @@ class PackedTrainer:
             losses, train_acc = self._train_epoch(epoch)
             val_loss, val_acc, _ = self.evaluate(self.data.val)
             seconds = time.perf_counter() - start
-            for i, member in enumerate(self.members):
-                if member.done:
-                    continue
+            training = [i for i, member in enumerate(self.members) if not member.done]
+            for i in training:
+                member = self.members[i]
                 metrics = EpochMetrics(epoch, losses[i], train_acc[i], val_loss[i], val_acc[i], seconds, lrs[i])
                 member.history.append(metrics)
                 member.schedule.after_epoch(asdict(metrics))
+            best = max(training, key=lambda i: val_acc[i])
+            log.info(
+                f"pack epoch {epoch}/{self.max_epochs}: {len(training)} runs, val acc "
+                f"{min(val_acc[i] for i in training):.4f} to {val_acc[best]:.4f} ({self.members[best].name}), {seconds:.1f}s"
+            )
             self._load_hypers()
             self._after_epoch(epoch)
 
