@@ -161,6 +161,11 @@ def test_a_diverging_member_fails_alone_and_early_stopping_stops_one(tiny_cfg: C
     assert_same_run(results[2], history, model)
 
 
+def test_a_pack_whose_members_all_diverge_fails_each_alone(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfgs = [tiny_cfg(*STEPS, "probe.enabled=false", f"seed={seed}", "optimizer.lr=1e30") for seed in (0, 1)]
+    assert all(isinstance(result.error, DivergenceError) for result in pack(cfgs))
+
+
 def test_the_probe_sees_a_member_as_it_sees_its_solo_run(tiny_cfg: Callable[..., DictConfig]) -> None:
     cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=3", f"seed={seed}", "norm=batchnorm") for seed in (0, 1)]
     result = pack(cfgs)[1]
@@ -195,6 +200,7 @@ def test_plan_packs_groups_by_shape_and_says_why_a_job_runs_alone(tiny_cfg: Call
         tiny_cfg("trainer.fast_step=false"),
         tiny_cfg("depth.widths=[32]"),
         tiny_cfg("optimizer=adam"),
+        tiny_cfg("norm=batchnorm", "+norm.track_running_stats=false"),
     ]
     hydra_node = {"hydra": {}}
     configs = [DictConfig({**cfg, **hydra_node}) for cfg in sweep]
@@ -204,7 +210,8 @@ def test_plan_packs_groups_by_shape_and_says_why_a_job_runs_alone(tiny_cfg: Call
     reasons = {unit.jobs[0]: unit.reason for unit in plan.units if not unit.packed}
     assert "fast_step=false" in reasons[5]
     assert "no other job" in reasons[6] and "no other job" in reasons[7]
-    assert "8 jobs: 5 in 2 packs (3, 2), 3 alone" in plan.summary()
+    assert "running statistics" in reasons[8]
+    assert "9 jobs: 5 in 2 packs (3, 2), 4 alone" in plan.summary()
 
 
 def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Path, tmp_path: Path) -> None:
@@ -261,7 +268,7 @@ def test_packs_run_as_submitit_tasks(tiny_mnist_root: Path, tmp_path: Path) -> N
     own), and the sweep's store is what the local backend gives."""
     command = [
         sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "hydra.launcher.backend=submitit",
-        "hydra.launcher.submitit.cluster=local", "hydra.launcher.submitit.gpus_per_node=0",
+        "hydra.launcher.submitit.cluster=local", "hydra.launcher.submitit.gpus_per_node=0", "hydra.launcher.pack_size=4",
         "activation=sigmoid,relu", "depth.widths=[32],[16,8]", "trainer.max_epochs=1", "probe.enabled=false",
         *tiny_overrides(tiny_mnist_root, tmp_path), f"hydra.sweep.dir={tmp_path / 'm'}",
     ]  # fmt: skip
@@ -283,6 +290,7 @@ def test_packs_run_as_submitit_tasks(tiny_mnist_root: Path, tmp_path: Path) -> N
     ("setting", "named"),
     [
         ("hydra.launcher.backend=ray", "hydra.launcher.backend"),
+        ("hydra.launcher.backend=submitit", "hydra.launcher.pack_size"),  # its default would be the launcher's
         ("hydra.launcher.pack_size=0", "hydra.launcher.pack_size"),
     ],
 )

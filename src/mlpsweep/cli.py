@@ -198,15 +198,18 @@ def train_in_run(
                 probe_log(metrics.epoch, final=stopping.should_stop(history))
 
         try:
-            history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history, schedule)
-        except DivergenceError:
-            if probe_log:
-                probe_log.log_waiting()
-            drawn.log_all()  # the probe's figures up to the divergence
-            raise
-        if stopping.enabled and stopping.restore_best and stopping.best_epoch(history) != history[-1].epoch:
-            best.restore(model)
-        test_and_log(cfg, model, data, history, probe_log, drawn, started=start)
+            try:
+                history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history, schedule)
+            except (DivergenceError, interrupt.Interrupted):
+                if probe_log:
+                    probe_log.log_waiting()
+                drawn.log_all()  # the probe's figures up to the divergence or the interrupt
+                raise
+            if stopping.enabled and stopping.restore_best and stopping.best_epoch(history) != history[-1].epoch:
+                best.restore(model)
+            test_and_log(cfg, model, data, history, probe_log, drawn, started=start)
+        finally:
+            drawn.wait()  # no worker still writes into workdir when it is removed
     return history
 
 
@@ -263,11 +266,14 @@ def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSp
             tracking.log_epochs(result.history)  # before the probe's: the compare view plots the first metric
             for snapshot in result.snapshots if probe_log else ():
                 probe_log.record(snapshot)
-            if result.error is not None:
-                drawn.log_all()
-                raise result.error
-            started = time.perf_counter() - result.train_seconds  # the pack's training is part of the run
-            test_and_log(cfg, model, data, result.history, probe_log, drawn, started, result.test)
+            try:
+                if result.error is not None:
+                    drawn.log_all()
+                    raise result.error
+                started = time.perf_counter() - result.train_seconds  # the pack's training is part of the run
+                test_and_log(cfg, model, data, result.history, probe_log, drawn, started, result.test)
+            finally:
+                drawn.wait()  # no worker still writes into workdir when it is removed
     return max(m.val_acc for m in result.history)
 
 

@@ -77,8 +77,13 @@ def unpackable(cfg: DictConfig) -> str | None:
         return f"optimizer {cfg.optimizer.name} has no packed update"
     if cfg.optimizer.get("amsgrad") or cfg.optimizer.get("maximize"):
         return "amsgrad and maximize have no packed update"
-    if cfg.norm.name == "batchnorm" and (cfg.norm.get("momentum", 0.1) is None or not cfg.norm.get("affine", True)):
-        return "batch norm without momentum or affine weights has no packed form"
+    norm = cfg.norm
+    if norm.name == "batchnorm" and (
+        norm.get("momentum", 0.1) is None or not norm.get("affine", True) or not norm.get("track_running_stats", True)
+    ):
+        return "batch norm without momentum, affine weights or running statistics has no packed form"
+    if norm.name == "layernorm" and (not norm.get("elementwise_affine", True) or not norm.get("bias", True)):
+        return "layer norm without its weight or bias has no packed form"
     return None
 
 
@@ -151,6 +156,8 @@ class StackedMLP:
     def _block(self, z: Tensor, segment: Segment, layer: int, train: bool) -> Tensor:
         """Norm and activation of one segment's slice of a hidden layer's pre-activations."""
         norm, rows = segment.norm, slice(segment.start, segment.stop)
+        if norm is not None:
+            z = z.float()  # norms compute in fp32 under bf16 autocast, as the modules do
         if isinstance(norm, nn.BatchNorm1d):
             mean_buffer, var_buffer = self.running_means[layer][rows], self.running_vars[layer][rows]
             if train:
@@ -591,13 +598,15 @@ class PackedTrainer:
                 metrics = EpochMetrics(epoch, losses[i], train_acc[i], val_loss[i], val_acc[i], seconds, lrs[i])
                 member.history.append(metrics)
                 member.schedule.after_epoch(asdict(metrics))
+            self._load_hypers()
+            self._after_epoch(epoch)
+            if not training:  # every member left diverged during this epoch
+                continue
             best = max(training, key=lambda i: val_acc[i])
             log.info(
                 f"pack epoch {epoch}/{self.max_epochs}: {len(training)} runs, val acc "
                 f"{min(val_acc[i] for i in training):.4f} to {val_acc[best]:.4f} ({self.members[best].name}), {seconds:.1f}s"
             )
-            self._load_hypers()
-            self._after_epoch(epoch)
 
     def _train_epoch(self, epoch: int) -> tuple[list[float], list[float]]:
         """One pass over each member's own permutation of the training split; per-member mean loss and accuracy."""

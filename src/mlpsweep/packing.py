@@ -76,8 +76,11 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> Pa
             alone.append(Unit([i], reason="its config is invalid (its job says why)"))
             continue
         reason = unpackable(cfg)
-        if reason is None and cfg.resume and tracking.finished_run(cfg, config_hash(cfg)):
-            reason = "it already finished (resume=true skips it)"
+        if reason is None and cfg.resume:
+            if tracking.finished_run(cfg, config_hash(cfg)):
+                reason = "it already finished (resume=true skips it)"
+            elif tracking.has_unfinished_run(cfg, config_hash(cfg)):
+                reason = "its unfinished run continues from its checkpoint (resume=true)"
         if reason is not None:
             alone.append(Unit([i], reason=reason))
             continue
@@ -90,7 +93,13 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> Pa
         for start in range(0, len(jobs), max(1, size)):
             chunk = jobs[start : start + max(1, size)]
             if len(chunk) == 1:
-                units.append(Unit(chunk, reason="no other job of the sweep shares its shapes and step"))
+                if len(jobs) == 1:
+                    alone = "no other job of the sweep shares its shapes and step"
+                elif size == 1:
+                    alone = "hydra.launcher.pack_size=1"
+                else:
+                    alone = f"the job left over from its group's packs of {size}"
+                units.append(Unit(chunk, reason=alone))
             else:
                 units.append(Unit(chunk))
     return PackPlan(sorted(units, key=lambda unit: unit.jobs[0]))

@@ -12,10 +12,12 @@ under the same names.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,12 @@ def worker_pool() -> ProcessPoolExecutor:
     return _pool
 
 
+def _forget_pool() -> None:
+    """Drop a broken pool (a worker died); the next figure starts a new one."""
+    global _pool
+    _pool = None
+
+
 def _leave_interrupts() -> None:
     """A worker ignores Ctrl-C (it reaches the whole process group): the job decides what stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -62,37 +70,59 @@ def _leave_interrupts() -> None:
 
 class Figures:
     """The figures of one run: drawn in the worker process when `in_worker`, else in place; each
-    logged as the artifact `artifact_path` by `log_all`, which waits for them."""
+    logged as the artifact `artifact_path` by `log_all`, which waits for them. A worker that died
+    (its pool broken) is replaced by drawing in place."""
 
     def __init__(self, workdir: Path, in_worker: bool) -> None:
         self.workdir = workdir
         self.in_worker = in_worker
-        self.pending: list[tuple[Future[str] | str, str]] = []  # (drawn file, artifact path)
+        self.pending: list[tuple[Future[str] | str, tuple[str, tuple[Any, ...], str, float | None]]] = []
         self.gifs: list[tuple[list[Path], str]] = []  # (frames, artifact path)
 
     def add(self, drawing: str, args: tuple[Any, ...], artifact_path: str, dpi: float | None = None) -> Path:
         """Have `drawing` of `args` drawn into the file that becomes the artifact `artifact_path`; return that file."""
         path = self.workdir / artifact_path
         path.parent.mkdir(parents=True, exist_ok=True)
+        request = (drawing, args, str(path), dpi)
+        result: Future[str] | str | None = None
         if self.in_worker:
-            result: Future[str] | str = worker_pool().submit(draw, drawing, args, str(path), dpi)
-        else:
-            result = draw(drawing, args, str(path), dpi)
-        self.pending.append((result, artifact_path))
+            try:
+                result = worker_pool().submit(draw, *request)
+            except BrokenProcessPool:
+                _forget_pool()
+        self.pending.append((result if result is not None else draw(*request), (*request[:2], artifact_path, dpi)))
         return path
 
     def add_gif(self, frames: list[Path], artifact_path: str) -> None:
         """An animated GIF of drawn frames (added before), made once they are drawn."""
         self.gifs.append((frames, artifact_path))
 
+    def _drawn(self, result: Future[str] | str, request: tuple[str, tuple[Any, ...], str, float | None]) -> str:
+        """The drawn file: a worker's, or drawn here if the worker died."""
+        if not isinstance(result, Future):
+            return result
+        try:
+            return result.result()
+        except BrokenProcessPool:
+            _forget_pool()
+            drawing, args, artifact_path, dpi = request
+            return draw(drawing, args, str(self.workdir / artifact_path), dpi)
+
     def log_all(self) -> None:
         """Wait for the figures and log each as an artifact of the active run, under its name."""
-        for result, artifact_path in self.pending:
-            path = result.result() if isinstance(result, Future) else result
-            mlflow.log_artifact(path, artifact_path.rpartition("/")[0] or None)
+        for result, request in self.pending:
+            artifact_path = request[2]
+            mlflow.log_artifact(self._drawn(result, request), artifact_path.rpartition("/")[0] or None)
         for frames, artifact_path in self.gifs:
             gif = self.workdir / artifact_path
             figures.save_gif(frames, gif)
             mlflow.log_artifact(str(gif), artifact_path.rpartition("/")[0] or None)
         self.pending.clear()
         self.gifs.clear()
+
+    def wait(self) -> None:
+        """Until no worker writes into the run's folder any more (errors ignored: the run ends anyway)."""
+        for result, _ in self.pending:
+            if isinstance(result, Future):
+                with contextlib.suppress(Exception):
+                    result.result()

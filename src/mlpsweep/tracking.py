@@ -438,7 +438,15 @@ def unfinished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
     epoch twice)."""
     own = [run for run in _config_runs(cfg, cfg_hash) if run.data.tags.get("mlflow.parentRunId") == parent_run_id()]
     unfinished = next((run for run in own if run.info.status in UNFINISHED), None)  # own: not a sweep's, alone
-    return unfinished if unfinished and metric_key("val_acc") not in unfinished.data.metrics else None
+    logged_epochs = {"val_acc", metric_key("val_acc")} & set(unfinished.data.metrics) if unfinished else set()
+    return unfinished if unfinished and not logged_epochs else None
+
+
+def has_unfinished_run(cfg: DictConfig, cfg_hash: str) -> bool:
+    """Whether this config has a run (in this sweep, in a multirun) that stopped before it finished:
+    resume=true continues it from its checkpoint."""
+    own = [run for run in _config_runs(cfg, cfg_hash) if run.data.tags.get("mlflow.parentRunId") == parent_run_id()]
+    return any(run.info.status in UNFINISHED for run in own)
 
 
 def continuable_run(cfg: DictConfig, run_id: str, cfg_hash: str) -> str | None:
@@ -461,7 +469,10 @@ def continuable_run(cfg: DictConfig, run_id: str, cfg_hash: str) -> str | None:
 
 def best_metric(cfg: DictConfig, run_id: str, name: str) -> float:
     """The largest value in a run's history of metric `name` (e.g. val_acc, see metric_key; NaN when it has none)."""
-    history = MlflowClient(resolve_tracking_uri(cfg.tracking.uri)).get_metric_history(run_id, metric_key(name))
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
+    history = client.get_metric_history(run_id, metric_key(name))
+    if not history and metric_key(name) != name:  # a run logged before the keys were renamed
+        history = client.get_metric_history(run_id, name)
     return max((m.value for m in history), default=math.nan)
 
 

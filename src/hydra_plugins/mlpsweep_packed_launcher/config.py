@@ -29,7 +29,7 @@ class SubmititConf:
 class PackedLauncherConf:
     _target_: str = "hydra_plugins.mlpsweep_packed_launcher.packed_launcher.PackedLauncher"
     # the most runs one stacked network trains; null: as many as fit (GPU: half its free memory,
-    # CPU: half the free RAM; under backend=submitit, the launching machine's: set it there)
+    # CPU: half the free RAM); required under backend=submitit (what fits is known on the nodes)
     pack_size: Optional[int] = None
     # local: the packs train one after another in this process; submitit: each is a task of a
     # submitit job array (hydra.launcher.submitit)

@@ -31,8 +31,9 @@ CLUSTERS = ("slurm", "local")
 
 def check_settings(pack_size: int | None, backend: str, submitit: Any) -> None:
     """ConfigError for a launcher setting out of its range (the sweep checks them before it starts)."""
+    whole = isinstance(pack_size, int) and not isinstance(pack_size, bool)
     require(
-        pack_size is None or (isinstance(pack_size, int) and pack_size >= 1),
+        pack_size is None or (whole and pack_size >= 1),
         "hydra.launcher.pack_size",
         pack_size,
         "null or an integer of at least 1",
@@ -41,6 +42,13 @@ def check_settings(pack_size: int | None, backend: str, submitit: Any) -> None:
     if backend == "submitit":
         require(
             submitit.cluster in CLUSTERS, "hydra.launcher.submitit.cluster", submitit.cluster, " or ".join(CLUSTERS)
+        )
+        # the default is measured on the launching machine, not on the nodes that train the packs
+        require(
+            pack_size is not None,
+            "hydra.launcher.pack_size",
+            pack_size,
+            "an integer of at least 1 under backend=submitit",
         )
 
 
