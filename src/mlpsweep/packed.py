@@ -373,6 +373,11 @@ class PackedOptimizer:
     def tensors(self) -> list[Tensor]:
         return [*self.hypers.values(), self.started, self.steps, *self.state, *self.second]
 
+    def load_lr(self, groups: Sequence[dict], frozen: Sequence[bool]) -> None:
+        """Only the learning rates (what a per-step schedule changes): one copy to the device."""
+        rates = [0.0 if still else float(group["lr"]) for group, still in zip(groups, frozen, strict=True)]
+        self.hypers["lr"].copy_(torch.tensor(rates, dtype=torch.float64), non_blocking=True)
+
     def load(self, groups: Sequence[dict], frozen: Sequence[bool]) -> None:
         """Each member's hyper-parameters from its own optimizer's parameter group (learning rate 0 where frozen)."""
         values = {name: [] for name in self.HYPERS}
@@ -628,7 +633,9 @@ class PackedTrainer:
                 for member in self.members:
                     if member.schedule.per_step and not member.done:
                         member.schedule.after_step()
-                self._load_hypers()
+                self.optimizer.load_lr(
+                    [m.optimizer.param_groups[0] for m in self.members], [m.done for m in self.members]
+                )
             if (i + 1) % check_every == 0 or i + 1 == steps:
                 self._check_finite(losses, epoch, first=i // check_every * check_every, done=i + 1)
         accuracy = (predictions == self.data.train.y[order]).float().mean(dim=1)
