@@ -4,6 +4,13 @@
 # gzipped MNIST IDX files carried in .mnist/MNIST/raw/ (data.py reads them uncompressed).
 #
 #   . benchmarks/gpu_env.sh && benchmarks/gpu_check.sh "$OUT"
+#
+# Both folders are made on the development machine and kept out of git (.git/info/exclude):
+#   .whl:   python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+#               --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#               -d /tmp/whl-all <the project's dependencies at .venv's versions, not torch>
+#           then copy into .whl those the GPU image lacks (about 36 MB: mlflow, SQLAlchemy, hydra-core, ...)
+#   .mnist: mkdir -p .mnist/MNIST/raw && gzip -9 -c $MNIST_ROOT/MNIST/raw/X > .mnist/MNIST/raw/X.gz for the 4 IDX files
 _site=/tmp/site
 _stamp=$(ls .whl)
 if [ "$(cat "$_site/.wheels" 2>/dev/null)" != "$_stamp" ]; then
