@@ -55,6 +55,13 @@ def pack(cfgs: list[DictConfig], device: torch.device = CPU) -> list[MemberResul
     return trainer.results(train_seconds=1.0)
 
 
+def train_py(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in `cwd`, its store named by the args (not by $MLFLOW_TRACKING_URI)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def assert_same_run(
     result: MemberResult, history: list[EpochMetrics], model: torch.nn.Sequential, tolerance: float = 1e-5
 ) -> None:
@@ -223,12 +230,9 @@ def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Pa
     for launcher in ("basic", "packed"):
         folder = tmp_path / launcher
         folder.mkdir()
-        command = [
-            sys.executable, str(REPO_ROOT / "train.py"), "-m", f"hydra/launcher={launcher}",
-            *tiny_overrides(tiny_mnist_root, folder), *sweep, f"hydra.sweep.dir={folder / 'multirun'}",
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600, check=False)
+        args = ["-m", f"hydra/launcher={launcher}", *tiny_overrides(tiny_mnist_root, folder), *sweep,
+                f"hydra.sweep.dir={folder / 'multirun'}"]  # fmt: skip
+        done = train_py(args, folder)
         assert done.returncode == 0, done.stderr[-3000:]
         stores[launcher] = MlflowClient(sqlite_uri(folder))
         if launcher == "packed":
@@ -266,14 +270,13 @@ def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Pa
 def test_packs_run_as_submitit_tasks(tiny_mnist_root: Path, tmp_path: Path) -> None:
     """backend=submitit with submitit's local executor: each pack is one task (a process of its
     own), and the sweep's store is what the local backend gives."""
-    command = [
-        sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "hydra.launcher.backend=submitit",
+    args = [
+        "-m", "hydra/launcher=packed", "hydra.launcher.backend=submitit",
         "hydra.launcher.submitit.cluster=local", "hydra.launcher.submitit.gpus_per_node=0", "hydra.launcher.pack_size=4",
         "activation=sigmoid,relu", "depth.widths=[32],[16,8]", "trainer.max_epochs=1", "probe.enabled=false",
         *tiny_overrides(tiny_mnist_root, tmp_path), f"hydra.sweep.dir={tmp_path / 'm'}",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    done = train_py(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "4 jobs: 4 in 2 packs (2, 2), 0 alone" in done.stderr + done.stdout
     client = MlflowClient(sqlite_uri(tmp_path))
@@ -297,9 +300,9 @@ def test_packs_run_as_submitit_tasks(tiny_mnist_root: Path, tmp_path: Path) -> N
 def test_a_bad_launcher_setting_stops_the_sweep_before_it_starts(
     tiny_mnist_root: Path, tmp_path: Path, setting: str, named: str
 ) -> None:
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", setting, "seed=0,1",
-               *tiny_overrides(tiny_mnist_root, tmp_path), f"hydra.sweep.dir={tmp_path / 'm'}"]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    args = ["-m", "hydra/launcher=packed", setting, "seed=0,1", *tiny_overrides(tiny_mnist_root, tmp_path),
+            f"hydra.sweep.dir={tmp_path / 'm'}"]  # fmt: skip
+    done = train_py(args, tmp_path, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert named in done.stdout + done.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "m").exists()
@@ -310,44 +313,25 @@ def test_a_packed_sweep_fails_resumes_and_feeds_optuna_like_a_basic_one(tiny_mni
     the finished config and trains only the other; and Optuna's trials, launched in batches, get
     their objective from packed jobs."""
     small = ["depth.widths=[16]", "trainer.max_epochs=1", "probe.enabled=false"]
-    sweep = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "seed=0", "optimizer.lr=0.1,1e30",
-             *small, *tiny_overrides(tiny_mnist_root, tmp_path), "tracking.sweep_name=packed-resume"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    first = subprocess.run(
-        [*sweep, f"hydra.sweep.dir={tmp_path / 'm1'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    sweep = ["-m", "hydra/launcher=packed", "seed=0", "optimizer.lr=0.1,1e30", *small,
+             *tiny_overrides(tiny_mnist_root, tmp_path), "tracking.sweep_name=packed-resume"]  # fmt: skip
+    first = train_py([*sweep, f"hydra.sweep.dir={tmp_path / 'm1'}"], tmp_path, timeout=300)
     assert first.returncode == 1, first.stderr[-3000:]
     client = MlflowClient(sqlite_uri(tmp_path))
     experiment = client.get_experiment_by_name("mlpsweep").experiment_id
     children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
     assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
-    resumed = subprocess.run(
-        [*sweep, "resume=true", f"hydra.sweep.dir={tmp_path / 'm2'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    resumed = train_py([*sweep, "resume=true", f"hydra.sweep.dir={tmp_path / 'm2'}"], tmp_path, timeout=300)
     assert resumed.returncode == 1, resumed.stderr[-3000:]
     assert (resumed.stdout + resumed.stderr).count("it already finished (resume=true skips it)") == 1
     children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
     assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED"]  # only the diverging one again
 
-    optuna = [sys.executable, str(REPO_ROOT / "train.py"), "hparams_search=optuna", "hydra/launcher=packed",
+    optuna = ["hparams_search=optuna", "hydra/launcher=packed",
               "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "~hydra.sweeper.params.depth", *small,
               *tiny_overrides(tiny_mnist_root, tmp_path / "optuna"), f"hydra.sweep.dir={tmp_path / 'o'}"]  # fmt: skip
     (tmp_path / "optuna").mkdir()
-    done = subprocess.run(
-        optuna, cwd=tmp_path / "optuna", env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    done = train_py(optuna, tmp_path / "optuna", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (done.stdout + done.stderr).count("in 1 packs (2)") == 1  # a batch of two trials
     import yaml
