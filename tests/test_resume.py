@@ -21,7 +21,7 @@ from mlpsweep.cli import train
 from mlpsweep.data import dataset_digest
 from mlpsweep.engine import EpochMetrics, build_optimizer
 from mlpsweep.model import build_model
-from mlpsweep.tracking import CONFIG_HASH_TAG, ROLE_TAG, resolve_tracking_uri
+from mlpsweep.tracking import CONFIG_HASH_TAG, ERROR_TAG, ROLE_TAG, resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +132,22 @@ def test_a_checkpoint_whose_run_cannot_be_continued_does_not_seed_a_fresh_run(ti
     path = checkpoint_path(Path(cfg.trainer.checkpoint_dir), identity)
     save_checkpoint(path, identity, "no-such-run", cfg, model, optimizer, torch.Generator(), [EpochMetrics(1, 9, 0, 9, 0, 1)])
     assert train(cfg) == train(tiny_cfg(*small))  # the same as a run that never saw the checkpoint
+
+
+def test_a_run_left_running_without_a_checkpoint_ends_when_resume_trains_its_config_again(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """A job whose last status update never reached the store (an outage as it ended, its checkpoint
+    already gone) leaves a RUNNING run with logged epochs: resume=true trains the config in a new
+    run and ends the old one FAILED, so that nothing stays RUNNING."""
+    cfg = tiny_cfg("trainer.max_epochs=1", "depth.widths=[16]", "probe.enabled=false", "resume=true")
+    train(cfg)
+    client = MlflowClient(sqlite_uri(tmp_path))
+    [stale] = job_runs(tmp_path)
+    client.update_run(stale.info.run_id, status="RUNNING")
+    train(cfg)
+    runs = {run.info.run_id: run for run in job_runs(tmp_path)}
+    assert len(runs) == 2
+    assert runs[stale.info.run_id].info.status == "FAILED"
+    assert "resume=true trains its config in a new run" in runs[stale.info.run_id].data.tags[ERROR_TAG]
+    assert [run.info.status for run_id, run in runs.items() if run_id != stale.info.run_id] == ["FINISHED"]

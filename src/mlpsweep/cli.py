@@ -101,6 +101,7 @@ def train(cfg: DictConfig) -> float:
             if unfinished := tracking.unfinished_run(cfg, cfg_hash):  # stopped before its first checkpoint
                 resumed = Resumed(unfinished.info.run_id, history=[])
                 log.info(f"resume: run {resumed.run_id} has no checkpoint; it starts again from epoch 0")
+        tracking.retire_unfinished_runs(cfg, cfg_hash, continued=resumed.run_id if resumed else None)
     log.info(f"on {device} ({torch.get_num_threads()} CPU threads): {model_summary(model)}")  # lines_named: the run
     log.debug(f"the model in full:\n{model}")
     probe = new_probe(cfg, model, data)

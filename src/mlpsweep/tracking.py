@@ -432,12 +432,18 @@ def finished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
     return runs[0] if runs else None
 
 
-def unfinished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
-    """The latest run of this config (in this sweep, in a multirun) that stopped before it finished,
-    if it stopped before logging any epoch (so it can start again from epoch 0 without logging an
-    epoch twice)."""
+def _unfinished_runs(cfg: DictConfig, cfg_hash: str) -> list[Run]:
+    """This config's runs that stopped before they finished, latest first: in a multirun the
+    sweep's own, else those that ran alone (not a sweep's)."""
     own = [run for run in _config_runs(cfg, cfg_hash) if run.data.tags.get("mlflow.parentRunId") == parent_run_id()]
-    unfinished = next((run for run in own if run.info.status in UNFINISHED), None)  # own: not a sweep's, alone
+    return [run for run in own if run.info.status in UNFINISHED]
+
+
+def unfinished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
+    """The latest run of this config (see _unfinished_runs) that stopped before it finished, if it
+    stopped before logging any epoch (so it can start again from epoch 0 without logging an epoch
+    twice)."""
+    unfinished = next(iter(_unfinished_runs(cfg, cfg_hash)), None)
     logged_epochs = {"val_acc", metric_key("val_acc")} & set(unfinished.data.metrics) if unfinished else set()
     return unfinished if unfinished and not logged_epochs else None
 
@@ -445,8 +451,20 @@ def unfinished_run(cfg: DictConfig, cfg_hash: str) -> Run | None:
 def has_unfinished_run(cfg: DictConfig, cfg_hash: str) -> bool:
     """Whether this config has a run (in this sweep, in a multirun) that stopped before it finished:
     resume=true continues it from its checkpoint."""
-    own = [run for run in _config_runs(cfg, cfg_hash) if run.data.tags.get("mlflow.parentRunId") == parent_run_id()]
-    return any(run.info.status in UNFINISHED for run in own)
+    return bool(_unfinished_runs(cfg, cfg_hash))
+
+
+def retire_unfinished_runs(cfg: DictConfig, cfg_hash: str, continued: str | None) -> None:
+    """End FAILED this config's unfinished runs other than the one resume=true `continued`: runs
+    that a crash or an outage left RUNNING or KILLED without a checkpoint to continue them from,
+    whose config now trains in another run. A resumed sweep leaves no run RUNNING."""
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
+    for run in _unfinished_runs(cfg, cfg_hash):
+        if run.info.run_id != continued:
+            reason = "it stopped without a checkpoint to continue from; resume=true trains its config in a new run"
+            client.set_tag(run.info.run_id, ERROR_TAG, reason)
+            client.set_terminated(run.info.run_id, "FAILED")
+            log.info(f"resume: run {run.info.run_id} ends FAILED: {reason}")
 
 
 def continuable_run(cfg: DictConfig, run_id: str, cfg_hash: str) -> str | None:
@@ -523,7 +541,12 @@ def job_run(
             raise TrackingOutage(outage) from err
         _end_stopped_run(err)
         raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    try:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    except Exception as err:  # the run stays RUNNING: an outage keeps its checkpoint for resume=true
+        if outage := server_outage(tracking_uri):
+            raise TrackingOutage(outage) from err
+        raise
 
 
 def _end_stopped_run(err: BaseException) -> None:
