@@ -94,10 +94,11 @@ def test_a_mixed_pack_trains_each_member_as_its_solo_run(tiny_cfg: Callable[...,
 
 
 BACKPROP_PACKS = {  # packs the CPU's hand-derived packed step trains (ReLU-likes, sigmoid, tanh; batch norm)
-    "plain SGD, updates fused": [
+    "plain SGD, updates fused": [  # batch norms: the first two normalised as one run, the third alone
         ["activation=relu", "norm=none", "seed=0"],
         ["activation=tanh", "norm=batchnorm", "seed=1", "optimizer.lr=0.05"],
         ["activation=sigmoid", "norm=batchnorm", "seed=2", "optimizer.lr=0.3", "scheduler=onecycle"],
+        ["activation=relu", "norm=batchnorm", "seed=4", "norm.momentum=0.3"],
         ["activation=leaky_relu", "norm=none", "seed=3"],
     ],
     "momentum and weight decay, no biases": [

@@ -108,6 +108,7 @@ class StackedMLP:
         self.size = len(models)
         blocks = [[m for name, m in model.named_children() if name != "head"] for model in models]
         self.segments = segments_of(blocks)
+        self.batch_norm_runs = batch_norm_runs(self.segments)
         self.weights, self.biases, self.gammas, self.betas = [], [], [], []
         self.running_means, self.running_vars, self.batches_tracked = [], [], []
         for layer in range(len(blocks[0]) + 1):
@@ -158,17 +159,10 @@ class StackedMLP:
         norm, rows = segment.norm, slice(segment.start, segment.stop)
         if norm is not None:
             z = z.float()  # norms compute in fp32 under bf16 autocast, as the modules do
-        if isinstance(norm, nn.BatchNorm1d):
-            mean_buffer, var_buffer = self.running_means[layer][rows], self.running_vars[layer][rows]
-            if train:
-                var, mean = torch.var_mean(z, dim=1, unbiased=False, keepdim=True)
-                with torch.no_grad():  # as the module updates its running statistics (unbiased variance)
-                    n = z.shape[1]
-                    mean_buffer.mul_(1 - norm.momentum).add_(mean.squeeze(1), alpha=norm.momentum)
-                    var_buffer.mul_(1 - norm.momentum).add_(var.squeeze(1) * (n / (n - 1)), alpha=norm.momentum)
-                    self.batches_tracked[layer][rows].add_(1)
-            else:
-                mean, var = mean_buffer.unsqueeze(1), var_buffer.unsqueeze(1)
+        if isinstance(norm, nn.BatchNorm1d) and train:
+            z, _ = self._batch_norm_train(z, segment, layer)
+        elif isinstance(norm, nn.BatchNorm1d):
+            mean, var = self.running_means[layer][rows].unsqueeze(1), self.running_vars[layer][rows].unsqueeze(1)
             z = (z - mean) * torch.rsqrt(var + norm.eps)
             z = z * self.gammas[layer][rows].unsqueeze(1) + self.betas[layer][rows].unsqueeze(1)
         elif isinstance(norm, nn.LayerNorm):
@@ -198,16 +192,12 @@ class StackedMLP:
         a = x
         for layer in range(len(self.gammas)):
             inputs.append(a)
-            z = _linear_stacked(a, self.weights[layer], self.biases[layer])
-            parts = []
+            a = _linear_stacked(a, self.weights[layer], self.biases[layer])
+            for run in self.batch_norm_runs:  # each run of alike batch norms in one pass, then the activations
+                a[run.start : run.stop], normalised = self._batch_norm_train(a[run.start : run.stop], run, layer)
+                saved.append(normalised)
             for segment in self.segments:
-                h = z[segment.start : segment.stop]
-                if isinstance(segment.norm, nn.BatchNorm1d):
-                    h, normalised = self._batch_norm_train(h, segment, layer)
-                    saved.append(normalised)
-                h = activation_in_place(segment.activation).forward(h)
-                parts.append(h)
-            a = torch.cat(parts) if len(parts) > 1 else parts[0]
+                activation_in_place(segment.activation).forward(a[segment.start : segment.stop])
             outputs.append(a)
             if self.dropout:
                 masks.append((torch.rand_like(a) < self.keep).to(a.dtype) / self.keep)
@@ -239,50 +229,62 @@ class StackedMLP:
             self._block_backward(grad, outputs[hidden], saved, hidden, lr, grads)
         return losses, logits, [grads[id(t)] for t in self.params] if lr is None else []
 
-    def _batch_norm_train(self, z: Tensor, segment: Segment, layer: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Training-mode batch norm of a segment's slice: its output, and (normalised input, 1/std) for the backward pass."""
+    def _batch_norm_train(
+        self, z: Tensor, segment: Segment | NormRun, layer: int
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Training-mode batch norm of a segment's slice (differentiable), its running statistics
+        updated as the module updates them: its output, and (normalised input, 1/std) for the
+        hand-derived backward pass."""
         norm, rows = segment.norm, slice(segment.start, segment.stop)
-        var, mean = torch.var_mean(z, dim=1, unbiased=False, keepdim=True)
-        n = z.shape[1]
-        self.running_means[layer][rows].mul_(1 - norm.momentum).add_(mean.squeeze(1), alpha=norm.momentum)
-        self.running_vars[layer][rows].mul_(1 - norm.momentum).add_(var.squeeze(1) * (n / (n - 1)), alpha=norm.momentum)
-        self.batches_tracked[layer][rows].add_(1)
+        mean = z.mean(dim=1, keepdim=True)
+        centered = z - mean
+        var = centered.square().mean(dim=1, keepdim=True)  # two passes: torch.var_mean is ~8x slower on such CPU slices
+        with torch.no_grad():  # the running variance is unbiased, as the module's
+            n = z.shape[1]
+            self.running_means[layer][rows].mul_(1 - norm.momentum).add_(mean.squeeze(1), alpha=norm.momentum)
+            self.running_vars[layer][rows].mul_(1 - norm.momentum).add_(
+                var.squeeze(1) * (n / (n - 1)), alpha=norm.momentum
+            )
+            self.batches_tracked[layer][rows].add_(1)
         invstd = torch.rsqrt(var + norm.eps)
-        normalised = (z - mean) * invstd
+        normalised = centered * invstd
         out = normalised * self.gammas[layer][rows].unsqueeze(1) + self.betas[layer][rows].unsqueeze(1)
         return out, (normalised, invstd)
 
     def _block_backward(
         self, grad: Tensor, output: Tensor, saved: list, layer: int, lr: Tensor | None, grads: dict[int, Tensor]
     ) -> None:
-        """In place: dL/d(activation output) of hidden layer `layer` -> dL/d(its linear output), per
-        segment (activation, then batch norm, whose weights are updated or their gradients kept)."""
+        """In place: dL/d(activation output) of hidden layer `layer` -> dL/d(its linear output): per
+        segment its activation's derivative, then per run of alike batch norms theirs (their
+        weights updated, or their gradients kept)."""
         gamma, beta = self.gammas[layer], self.betas[layer]
-        if lr is None and any(segment.norm is not None for segment in self.segments):
+        if lr is None and self.batch_norm_runs:
             grads[id(gamma)], grads[id(beta)] = torch.zeros_like(gamma), torch.zeros_like(beta)
-        for segment in reversed(self.segments):
+        for segment in self.segments:
             rows = slice(segment.start, segment.stop)
-            part = activation_in_place(segment.activation).scale_grad(grad[rows], output[rows])
-            if isinstance(segment.norm, nn.BatchNorm1d):
-                normalised, invstd = saved.pop()
-                grad_gamma, grad_beta = (part * normalised).sum(dim=1), part.sum(dim=1)
-                scaled = part * gamma[rows].unsqueeze(1)
-                n = part.shape[1]
-                dz = (
-                    invstd
-                    / n
-                    * (
-                        n * scaled
-                        - scaled.sum(dim=1, keepdim=True)
-                        - normalised * (scaled * normalised).sum(dim=1, keepdim=True)
-                    )
+            activation_in_place(segment.activation).scale_grad(grad[rows], output[rows])
+        for run in reversed(self.batch_norm_runs):
+            rows = slice(run.start, run.stop)
+            part = grad[rows]
+            normalised, invstd = saved.pop()
+            grad_gamma, grad_beta = (part * normalised).sum(dim=1), part.sum(dim=1)
+            scaled = part * gamma[rows].unsqueeze(1)
+            n = part.shape[1]
+            dz = (
+                invstd
+                / n
+                * (
+                    n * scaled
+                    - scaled.sum(dim=1, keepdim=True)
+                    - normalised * (scaled * normalised).sum(dim=1, keepdim=True)
                 )
-                grad[rows].copy_(dz)
-                if lr is not None:
-                    gamma[rows].sub_(grad_gamma * lr[rows].unsqueeze(1).to(gamma.dtype))
-                    beta[rows].sub_(grad_beta * lr[rows].unsqueeze(1).to(beta.dtype))
-                else:
-                    grads[id(gamma)][rows], grads[id(beta)][rows] = grad_gamma, grad_beta
+            )
+            grad[rows].copy_(dz)
+            if lr is not None:
+                gamma[rows].sub_(grad_gamma * lr[rows].unsqueeze(1).to(gamma.dtype))
+                beta[rows].sub_(grad_beta * lr[rows].unsqueeze(1).to(beta.dtype))
+            else:
+                grads[id(gamma)][rows], grads[id(beta)][rows] = grad_gamma, grad_beta
 
     @torch.no_grad()
     def copy_to(self, member: int, model: nn.Sequential) -> None:
@@ -301,6 +303,29 @@ class StackedMLP:
                 norm.running_mean.copy_(self.running_means[layer][member])
                 norm.running_var.copy_(self.running_vars[layer][member])
                 norm.num_batches_tracked.copy_(self.batches_tracked[layer][member])
+
+
+@dataclass
+class NormRun:
+    """Members [start, stop) of a pack, of consecutive segments with alike batch norms (the same
+    eps and momentum): normalised in one pass by the hand-derived step."""
+
+    start: int
+    stop: int
+    norm: nn.BatchNorm1d
+
+
+def batch_norm_runs(segments: Sequence[Segment]) -> list[NormRun]:
+    """The runs of consecutive segments whose batch norms are alike (packing orders members by norm first)."""
+    runs: list[NormRun] = []
+    for segment in segments:
+        if not isinstance(segment.norm, nn.BatchNorm1d):
+            continue
+        if runs and runs[-1].stop == segment.start and repr(runs[-1].norm) == repr(segment.norm):
+            runs[-1].stop = segment.stop
+        else:
+            runs.append(NormRun(segment.start, segment.stop, segment.norm))
+    return runs
 
 
 def segments_of(blocks: Sequence[Sequence[nn.Module]]) -> list[Segment]:

@@ -121,8 +121,8 @@ def fitting_pack_size(cfg: DictConfig, device: torch.device, in_features: int = 
 
 
 def segment_order(cfg: DictConfig) -> str:
-    """Members of one activation and norm sit together in a pack."""
-    return repr(cfg.activation) + repr(cfg.norm)
+    """Members of one activation and norm sit together in a pack, those of one norm next to each other."""
+    return repr(cfg.norm) + repr(cfg.activation)
 
 
 def train_pack(sweep_configs: Sequence[DictConfig]) -> list[MemberResult] | None:

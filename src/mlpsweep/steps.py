@@ -152,8 +152,8 @@ def cuda_graph_step(
 
 
 class Activation(NamedTuple):
-    """An activation in place: its forward, and grad *= its derivative given its output (in the
-    operation order of ATen's own *_backward kernels)."""
+    """An activation in place: its forward, and grad *= its derivative given its output (ATen's own
+    *_backward kernels, writing into grad: bitwise what autograd computes)."""
 
     forward: Callable[[Tensor], Tensor]
     scale_grad: Callable[[Tensor, Tensor], Tensor]
@@ -161,17 +161,23 @@ class Activation(NamedTuple):
 
 def activation_in_place(module: nn.Module) -> Activation | None:
     """The in-place forward and derivative of an activation module, or None if there is none here."""
+    aten = torch.ops.aten
     if isinstance(module, nn.ReLU):
-        return Activation(torch.relu_, lambda grad, out: grad.masked_fill_(out <= 0, 0.0))
+        return Activation(
+            torch.relu_, lambda grad, out: aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+        )
     if isinstance(module, nn.LeakyReLU) and module.negative_slope >= 0:
         slope = module.negative_slope
         return Activation(
-            lambda h: F.leaky_relu_(h, slope), lambda grad, out: grad.mul_(torch.where(out > 0, 1.0, slope))
+            lambda h: F.leaky_relu_(h, slope),
+            lambda grad, out: aten.leaky_relu_backward.grad_input(grad, out, slope, True, grad_input=grad),
         )
     if isinstance(module, nn.Sigmoid):
-        return Activation(torch.sigmoid_, lambda grad, out: grad.mul_(1 - out).mul_(out))
+        return Activation(
+            torch.sigmoid_, lambda grad, out: aten.sigmoid_backward.grad_input(grad, out, grad_input=grad)
+        )
     if isinstance(module, nn.Tanh):
-        return Activation(torch.tanh_, lambda grad, out: grad.mul_(1 - out * out))
+        return Activation(torch.tanh_, lambda grad, out: aten.tanh_backward.grad_input(grad, out, grad_input=grad))
     return None
 
 
