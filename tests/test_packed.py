@@ -62,6 +62,14 @@ def train_py(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Com
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def artifact_files(client: MlflowClient, run_id: str, folder: str | None = None) -> dict[str, int]:
+    """Every artifact file of a run: its path and size."""
+    files = {}
+    for item in client.list_artifacts(run_id, folder):
+        files |= artifact_files(client, run_id, item.path) if item.is_dir else {item.path: item.file_size}
+    return files
+
+
 def assert_same_run(
     result: MemberResult, history: list[EpochMetrics], model: torch.nn.Sequential, tolerance: float = 1e-5
 ) -> None:
@@ -258,6 +266,10 @@ def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Pa
         )  # relu and tanh, batch norm: the hand-derived packed step
         for key in ("accuracy/test", "loss/test"):
             assert packed.data.metrics[key] == pytest.approx(basic.data.metrics[key], abs=1e-4), (name, key)
+        # the same artifacts: the figures a packed member's pack asked for ahead, none twice, none left out
+        packed_files = artifact_files(stores["packed"], packed.info.run_id)
+        assert packed_files.keys() == artifact_files(stores["basic"], basic.info.run_id).keys()
+        assert all(size > 0 for size in packed_files.values())
     name = next(iter(children["packed"]))
     x = torch.randn(5, 784)
     models = {}

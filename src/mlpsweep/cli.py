@@ -253,10 +253,10 @@ def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSp
     probe, then (unless it failed) the test pass, figures and model; return its best validation accuracy."""
     model = result.model
     log.info(f"trained in a pack of {result.pack_size} ({result.train_step}): {model_summary(model)}")
-    with tracking.job_run(cfg, count_parameters(model), result.train_step, cfg_hash):
-        tracking.log_datasets(cfg.data, data, dataset_digest(cfg.data.name, cfg.data.root))
-        with tempfile.TemporaryDirectory() as workdir:
-            drawn = Figures(Path(workdir), in_worker=draw_in_worker())
+    drawn = result.figures or Figures(None, in_worker=draw_in_worker())
+    try:
+        with tracking.job_run(cfg, count_parameters(model), result.train_step, cfg_hash):
+            tracking.log_datasets(cfg.data, data, dataset_digest(cfg.data.name, cfg.data.root))
             probe_log = None
             if cfg.probe.enabled:
                 title = tracking.run_name(cfg)
@@ -267,15 +267,25 @@ def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSp
             tracking.log_epochs(result.history)  # before the probe's: the compare view plots the first metric
             for snapshot in result.snapshots if probe_log else ():
                 probe_log.record(snapshot)
-            try:
-                if result.error is not None:
-                    drawn.log_all()
-                    raise result.error
-                started = time.perf_counter() - result.train_seconds  # the pack's training is part of the run
-                test_and_log(cfg, model, data, result.history, probe_log, drawn, started, result.test)
-            finally:
-                drawn.wait()  # no worker still writes into workdir when it is removed
+            if result.error is not None:
+                drawn.log_all()
+                raise result.error
+            started = time.perf_counter() - result.train_seconds  # the pack's training is part of the run
+            test_and_log(cfg, model, data, result.history, probe_log, drawn, started, result.test)
+    finally:
+        drawn.close()  # no worker still writes into its folder when it goes
     return max(m.val_acc for m in result.history)
+
+
+def figures_ahead(cfg: DictConfig, result: packed.MemberResult) -> Figures:
+    """A packed member's figures, asked for as its pack finished training, to be drawn while the
+    members before it are logged: those its job would ask for (the run's, unless it failed or is
+    still to be tested; the probe's)."""
+    title = tracking.run_name(cfg)
+    requests = tracking.probe_figures(result.snapshots, title) if cfg.probe.enabled else []
+    if result.error is None and result.test is not None:
+        requests = tracking.run_figures(result.history, result.test.confusion, title) + requests
+    return Figures.ahead(requests, in_worker=True)
 
 
 def resume_from(

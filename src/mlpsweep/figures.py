@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import matplotlib
 
@@ -13,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from mlpsweep.engine import EpochMetrics  # noqa: E402
 from mlpsweep.probe import Snapshot  # noqa: E402
@@ -66,13 +64,15 @@ def probe_grid(snapshot: Snapshot, title: str) -> Figure:
             if stage in layer.histograms:
                 draw_histogram(row[0], *layer.histograms[stage], label=f"{stage} output", color=STAGE_COLORS[stage])
         grad = f" (|dL/dW| {layer.stats['grad_norm']:.2g})" if "grad_norm" in layer.stats else ""
-        row[0].set(title=f"{name}: pre-activation{grad}", ylabel="count")
+        row[0].set_title(f"{name}: pre-activation{grad}", fontsize=9)
+        row[0].set(ylabel="count")
         row[0].legend(fontsize=8)
         draw_histogram(row[1], *layer.histograms["act"], label="activation output", color=STAGE_COLORS["act"])
         health = {k: v for k, v in layer.stats.items() if k.endswith("_frac")}
-        row[1].set(title=f"{name}: activation " + " ".join(f"({k} {v:.2f})" for k, v in health.items()))
+        row[1].set_title(f"{name}: activation " + " ".join(f"({k} {v:.2f})" for k, v in health.items()), fontsize=9)
         row[2].scatter(layer.sample_pre, layer.sample_post, s=4, alpha=0.6, color="tab:purple")
-        row[2].set(title=f"{name}: pre vs post, one image", xlabel="activation input", ylabel="activation output")
+        row[2].set_title(f"{name}: pre vs post, one image", fontsize=9)
+        row[2].set(xlabel="activation input", ylabel="activation output")
     fig.suptitle(f"{title}, epoch {snapshot.epoch}")
     return fig
 
@@ -101,10 +101,3 @@ def gradient_norms(norms: dict[int, dict[str, float]], title: str) -> Figure:
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(title)
     return fig
-
-
-def save_gif(frames: Sequence[Path], out: Path, seconds_per_frame: float = 0.8) -> None:
-    """An animated GIF of PNG frames (all resized to the first frame's size)."""
-    images = [Image.open(path).convert("RGB") for path in frames]
-    images = [images[0]] + [image.resize(images[0].size) for image in images[1:]]
-    images[0].save(out, save_all=True, append_images=images[1:], duration=int(seconds_per_frame * 1000), loop=0)

@@ -42,6 +42,7 @@ from mlpsweep.data import DataSplits, Split
 from mlpsweep.early_stopping import BestWeights, EarlyStopping
 from mlpsweep.engine import DIVERGENCE_CHECK_EVERY, DivergenceError, EpochMetrics, Evaluation
 from mlpsweep.probe import ActivationProbe, Snapshot
+from mlpsweep.rendering import Figures
 from mlpsweep.schedulers import Schedule, current_lr
 from mlpsweep.steps import GRAPH_WARMUP_STEPS, activation_in_place, autocast
 
@@ -508,6 +509,7 @@ class MemberResult:
     train_step: str
     error: Exception | None
     test: Evaluation | None = None  # its test pass, where the pack made it
+    figures: Figures | None = None  # its figures, asked for as the pack finished (rendering.Figures.ahead)
 
 
 _current: MemberResult | None = None

@@ -125,11 +125,13 @@ def segment_order(cfg: DictConfig) -> str:
     return repr(cfg.norm) + repr(cfg.activation)
 
 
-def train_pack(sweep_configs: Sequence[DictConfig]) -> list[MemberResult] | None:
+def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_in_workers: bool) -> list[MemberResult] | None:
     """Train the jobs `sweep_configs` as one pack on their device (resolved here: a submitit task
-    runs on another machine); their results in the same order. None if the packed training itself
-    failed (the error is logged and the jobs run alone)."""
-    from mlpsweep.cli import figure_epochs, fresh_state, make_deterministic, new_probe  # the job's own builders
+    runs on another machine); their results in the same order, with every member's figures asked
+    of worker processes where `figures_ahead_in_workers` (they draw them while the jobs log their
+    members one by one). None if the packed training itself failed (the error is logged and the
+    jobs run alone)."""
+    from mlpsweep.cli import figure_epochs, figures_ahead, fresh_state, make_deterministic, new_probe  # the job's own
     from mlpsweep.data import load_splits
 
     cfgs = [task_config(c) for c in sweep_configs]
@@ -162,4 +164,7 @@ def train_pack(sweep_configs: Sequence[DictConfig]) -> list[MemberResult] | None
     in_job_order: list[MemberResult] = [None] * len(cfgs)  # type: ignore[list-item]
     for position, i in enumerate(order):
         in_job_order[i] = results[position]
+    if figures_ahead_in_workers:
+        for cfg, result in zip(cfgs, in_job_order, strict=True):
+            result.figures = figures_ahead(cfg, result)
     return in_job_order

@@ -6,7 +6,8 @@ process (the basic and packed launchers), `Figures` hands each figure to a worke
 as its data exists, so it is drawn while the job trains, tests and logs, and logs the files as the
 run's artifacts before the run ends. A single run, or a job in a parallel launcher's worker (which
 has the other cores busy already), draws them in place. Either way the artifacts are the same files
-under the same names.
+under the same names. The packed launcher asks for every member's figures as the pack finishes
+training, and a worker per core draws them while the members are logged one after another.
 """
 
 from __future__ import annotations
@@ -15,52 +16,72 @@ import atexit
 import contextlib
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
+from PIL import Image
 
-from mlpsweep import figures
-
-# figure name -> the function of mlpsweep.figures that draws it from plain data
-DRAWINGS = {
-    "learning_curves": figures.learning_curves,
-    "confusion_matrix": figures.confusion_matrix,
-    "probe_grid": figures.probe_grid,
-    "gradient_norms": figures.gradient_norms,
-}
+# the functions of mlpsweep.figures that draw a figure from plain data (matplotlib is imported
+# where they draw, a worker process or a job drawing in place, not by every job)
+DRAWINGS = ("learning_curves", "confusion_matrix", "probe_grid", "gradient_norms")
 DPI = 72  # the probe frames' resolution; the other figures keep matplotlib's default
 
-_pool: ProcessPoolExecutor | None = None
+_pools: dict[bool, ProcessPoolExecutor] = {}  # every core's or half the cores' workers -> their pool
+
+def save_gif(frames: list[Path], out: Path, seconds_per_frame: float = 0.8) -> None:
+    """An animated GIF of PNG frames (all resized to the first frame's size)."""
+    images = [Image.open(path).convert("RGB") for path in frames]
+    images = [images[0]] + [image.resize(images[0].size) for image in images[1:]]
+    # a palette per frame by fast octree quantisation: a quarter of the encoder's own time, for plots alike
+    paletted = [image.quantize(colors=256, method=Image.Quantize.FASTOCTREE) for image in images]
+    paletted[0].save(out, save_all=True, append_images=paletted[1:], duration=int(seconds_per_frame * 1000), loop=0)
+
+
+class FigureRequest(NamedTuple):
+    """A figure to draw: the DRAWINGS function, its arguments, the artifact it becomes, its dpi."""
+
+    drawing: str
+    args: tuple[Any, ...]
+    artifact_path: str
+    dpi: float | None = None
 
 
 def draw(drawing: str, args: tuple[Any, ...], path: str, dpi: float | None) -> str:
     """Draw one figure into `path` (in a worker process, or here); return the path."""
-    fig = DRAWINGS[drawing](*args)
+    from mlpsweep import figures
+
+    if drawing not in DRAWINGS:
+        raise ValueError(f"no drawing {drawing!r}; drawings: {', '.join(DRAWINGS)}")
+    fig = getattr(figures, drawing)(*args)
     fig.savefig(path, dpi=dpi or "figure")
     figures.plt.close(fig)
     return path
 
 
-def worker_pool() -> ProcessPoolExecutor:
-    """The process's figure workers, started on first use (spawned: no copy of torch's threads or CUDA)."""
-    global _pool
-    if _pool is None:
-        workers = max(1, min(4, (os.cpu_count() or 2) // 2))  # leave half the cores to the jobs
-        _pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_leave_interrupts
+def worker_pool(every_core: bool) -> ProcessPoolExecutor:
+    """The process's figure workers, started on first use (spawned: no copy of torch's threads or
+    CUDA): one per core, or for half the cores where jobs train while they draw."""
+    if every_core not in _pools:
+        cores = os.cpu_count() or 2
+        pool = ProcessPoolExecutor(
+            max_workers=max(1, min(4, cores if every_core else cores // 2)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_leave_interrupts,
         )
-        atexit.register(_pool.shutdown, wait=True, cancel_futures=True)
-    return _pool
+        atexit.register(pool.shutdown, wait=True, cancel_futures=True)
+        _pools[every_core] = pool
+    return _pools[every_core]
 
 
-def _forget_pool() -> None:
+def _forget_pool(every_core: bool) -> None:
     """Drop a broken pool (a worker died); the next figure starts a new one."""
-    global _pool
-    _pool = None
+    _pools.pop(every_core, None)
 
 
 def _leave_interrupts() -> None:
@@ -71,25 +92,43 @@ def _leave_interrupts() -> None:
 class Figures:
     """The figures of one run: drawn in the worker process when `in_worker`, else in place; each
     logged as the artifact `artifact_path` by `log_all`, which waits for them. A worker that died
-    (its pool broken) is replaced by drawing in place."""
+    (its pool broken) is replaced by drawing in place. Without a `workdir` the files go into a
+    folder of its own, which `close` removes.
 
-    def __init__(self, workdir: Path, in_worker: bool) -> None:
-        self.workdir = workdir
+    Figures can be asked for ahead of their run (`ahead`: a packed member's, as its pack finishes
+    training, so that the worker draws them while the members before it are logged): asking again
+    for an artifact already asked for changes nothing."""
+
+    def __init__(self, workdir: Path | None, in_worker: bool, every_core: bool = False) -> None:
+        self.own_dir = workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="mlpsweep-figures-")) if workdir is None else workdir
         self.in_worker = in_worker
+        self.every_core = every_core  # a worker per core: nothing trains while they draw
         self.pending: list[tuple[Future[str] | str, tuple[str, tuple[Any, ...], str, float | None]]] = []
         self.gifs: list[tuple[list[Path], str]] = []  # (frames, artifact path)
+
+    @classmethod
+    def ahead(cls, requests: list[FigureRequest], in_worker: bool) -> Figures:
+        """Figures in a folder of their own, `requests` asked for now (drawn by a worker per core:
+        what runs meanwhile is the logging of runs, no training)."""
+        drawn = cls(None, in_worker, every_core=True)
+        for request in requests:
+            drawn.add(*request)
+        return drawn
 
     def add(self, drawing: str, args: tuple[Any, ...], artifact_path: str, dpi: float | None = None) -> Path:
         """Have `drawing` of `args` drawn into the file that becomes the artifact `artifact_path`; return that file."""
         path = self.workdir / artifact_path
+        if any(request[2] == artifact_path for _, request in self.pending):  # asked for ahead
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         request = (drawing, args, str(path), dpi)
         result: Future[str] | str | None = None
         if self.in_worker:
             try:
-                result = worker_pool().submit(draw, *request)
+                result = worker_pool(self.every_core).submit(draw, *request)
             except BrokenProcessPool:
-                _forget_pool()
+                _forget_pool(self.every_core)
         self.pending.append((result if result is not None else draw(*request), (*request[:2], artifact_path, dpi)))
         return path
 
@@ -104,7 +143,7 @@ class Figures:
         try:
             return result.result()
         except BrokenProcessPool:
-            _forget_pool()
+            _forget_pool(self.every_core)
             drawing, args, artifact_path, dpi = request
             return draw(drawing, args, str(self.workdir / artifact_path), dpi)
 
@@ -115,7 +154,7 @@ class Figures:
             mlflow.log_artifact(self._drawn(result, request), artifact_path.rpartition("/")[0] or None)
         for frames, artifact_path in self.gifs:
             gif = self.workdir / artifact_path
-            figures.save_gif(frames, gif)
+            save_gif(frames, gif)
             mlflow.log_artifact(str(gif), artifact_path.rpartition("/")[0] or None)
         self.pending.clear()
         self.gifs.clear()
@@ -126,3 +165,13 @@ class Figures:
             if isinstance(result, Future):
                 with contextlib.suppress(Exception):
                     result.result()
+
+    def close(self) -> None:
+        """Drop the figures not logged (those not drawn yet are not drawn), wait for the worker,
+        then remove the folder if it is this object's own."""
+        for result, _ in self.pending:
+            if isinstance(result, Future):
+                result.cancel()
+        self.wait()
+        if self.own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)

@@ -43,7 +43,7 @@ from mlpsweep.data import DataSplits, raw_folder
 from mlpsweep.engine import EpochMetrics, metric_key
 from mlpsweep.interrupt import Interrupted, SweepStop
 from mlpsweep.probe import ActivationProbe, Snapshot
-from mlpsweep.rendering import Figures
+from mlpsweep.rendering import FigureRequest, Figures
 
 log = logging.getLogger(__name__)
 
@@ -310,15 +310,47 @@ def log_stopping(best_epoch: int, stopped_epoch: int) -> None:
     mlflow.log_metrics({"best_epoch": best_epoch, "stopped_epoch": stopped_epoch})
 
 
+def run_figures(history: Sequence[EpochMetrics], confusion: torch.Tensor, title: str) -> list[FigureRequest]:
+    """A run's learning curves and test confusion matrix."""
+    counts = confusion.numpy()
+    return [
+        FigureRequest("learning_curves", (list(history), title), "learning_curves.png"),
+        FigureRequest("confusion_matrix", (counts, f"{title}: test confusion matrix"), "confusion_matrix.png"),
+    ]
+
+
 def log_run_figures(history: Sequence[EpochMetrics], confusion: torch.Tensor, title: str, drawn: Figures) -> None:
     """Learning curves and the test confusion matrix as figures (drawn by `drawn`), and the
     confusion counts as CSV."""
+    for request in run_figures(history, confusion, title):
+        drawn.add(*request)
     counts = confusion.numpy()
-    drawn.add("learning_curves", (list(history), title), "learning_curves.png")
-    drawn.add("confusion_matrix", (counts, f"{title}: test confusion matrix"), "confusion_matrix.png")
     header = "true\\predicted," + ",".join(str(c) for c in range(counts.shape[1]))
     rows = [f"{true}," + ",".join(str(n) for n in row) for true, row in enumerate(counts)]
     mlflow.log_text("\n".join([header, *rows]) + "\n", "confusion_matrix.csv")
+
+
+def probe_grid_figure(snapshot: Snapshot, title: str) -> FigureRequest | None:
+    """The probe's grid of a snapshot with histograms (a figure epoch's), else None."""
+    if not any(layer.histograms for layer in snapshot.layers.values()):
+        return None
+    return FigureRequest("probe_grid", (snapshot, title), f"probe/epoch_{snapshot.epoch:03d}.png", dpi=72)
+
+
+def snapshot_gradient_norms(snapshot: Snapshot) -> dict[str, float]:
+    """Layer -> the norm of its weight gradient, where the snapshot measured it."""
+    return {name: layer.stats["grad_norm"] for name, layer in snapshot.layers.items() if "grad_norm" in layer.stats}
+
+
+def gradient_norms_figure(norms: dict[int, dict[str, float]], title: str) -> FigureRequest:
+    return FigureRequest("gradient_norms", (norms, title), "probe/gradient_norms.png")
+
+
+def probe_figures(snapshots: Sequence[Snapshot], title: str) -> list[FigureRequest]:
+    """The figures a ProbeLog draws of these snapshots (see `record` and `finish`)."""
+    grids = [grid for snapshot in snapshots if (grid := probe_grid_figure(snapshot, title))]
+    norms = {snapshot.epoch: norms for snapshot in snapshots if (norms := snapshot_gradient_norms(snapshot))}
+    return grids + ([gradient_norms_figure(norms, title)] if norms else [])
 
 
 class ProbeLog:
@@ -362,15 +394,10 @@ class ProbeLog:
         start = time.perf_counter()
         epoch = snapshot.epoch
         mlflow.log_metrics(snapshot.metrics(), step=epoch)
-        norms = {
-            name: layer.stats["grad_norm"] for name, layer in snapshot.layers.items() if "grad_norm" in layer.stats
-        }
-        if norms:
+        if norms := snapshot_gradient_norms(snapshot):
             self.gradient_norms[epoch] = norms
-        if any(layer.histograms for layer in snapshot.layers.values()):
-            self.frames.append(
-                self.drawn.add("probe_grid", (snapshot, self.title), f"probe/epoch_{epoch:03d}.png", dpi=72)
-            )
+        if grid := probe_grid_figure(snapshot, self.title):
+            self.frames.append(self.drawn.add(*grid))
             self.histograms[epoch] = {name: asdict(layer) for name, layer in snapshot.layers.items()}
         self.seconds += time.perf_counter() - start
 
@@ -381,7 +408,7 @@ class ProbeLog:
         self.log_waiting()
         mlflow.log_dict(self.histograms, "probe/histograms.json")
         if self.gradient_norms:
-            self.drawn.add("gradient_norms", (self.gradient_norms, self.title), "probe/gradient_norms.png")
+            self.drawn.add(*gradient_norms_figure(self.gradient_norms, self.title))
         if len(self.frames) > 1:
             self.drawn.add_gif(self.frames, "probe/activations.gif")
         self.seconds += time.perf_counter() - start

@@ -98,12 +98,17 @@ class PackedLauncher(Launcher):
 
     def _run_unit(self, sweep_configs: list[DictConfig], packed: bool) -> list[JobReturn]:
         """Train a pack (or not, for a job that runs alone), then run each of its jobs."""
-        results = train_pack(sweep_configs) if packed else None
+        results = train_pack(sweep_configs, figures_ahead_in_workers=self.backend == "local") if packed else None
         returns = []
-        for position, sweep_config in enumerate(sweep_configs):
-            overrides = " ".join(filter_overrides(sweep_config.hydra.overrides.task))
-            log.info(f"\t#{sweep_config.hydra.job.num} : {overrides}")
-            returns.append(self._run(sweep_config, results[position] if results else None))
+        try:
+            for position, sweep_config in enumerate(sweep_configs):
+                overrides = " ".join(filter_overrides(sweep_config.hydra.overrides.task))
+                log.info(f"\t#{sweep_config.hydra.job.num} : {overrides}")
+                returns.append(self._run(sweep_config, results[position] if results else None))
+        finally:  # the figures of members whose jobs did not run (a stopped sweep)
+            for result in results or ():
+                if result.figures is not None:
+                    result.figures.close()
         return returns
 
     def _run(self, sweep_config: DictConfig, result: MemberResult | None) -> JobReturn:
