@@ -32,7 +32,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict, read_write
@@ -41,7 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hydra_plugins.mlpsweep_adaptive_seeds.adaptive_seeds_sweeper import AdaptiveSeedsSweeper
 from hydra_plugins.mlpsweep_packed_launcher.packed_launcher import PackedLauncher
 from hydra_plugins.mlpsweep_packed_launcher.packed_launcher import check_settings as check_packed_settings
-from mlpsweep import interrupt
+from mlpsweep import interrupt, packing
 from mlpsweep.checkpoint import NOT_HASHED, config_hash
 from mlpsweep.checks import INPUT_ERRORS, check_job_inputs, check_tracking_server
 from mlpsweep.config import ConfigError, require
@@ -147,15 +146,17 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
     except INPUT_ERRORS as err:
         return [str(err)], None
     loader = GlobalHydra.instance().config_loader()
+    keep = config.hydra.launcher._target_ == PACKED_LAUNCHER  # it composes every job before it launches any
     problems = []
     nvml_check = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # ask NVML about GPUs: no CUDA in the launcher
     try:
         for num, overrides in enumerate(jobs):
             try:
-                cfg = loader.load_configuration(config.hydra.job.config_name, overrides, run_mode=RunMode.RUN)
-                with open_dict(cfg):
-                    del cfg["hydra"]
+                sweep_config = loader.load_sweep_config(config, list(overrides))
+                if keep:
+                    packing.keep_composed(overrides, sweep_config)
+                cfg = packing.task_config(sweep_config)
                 check_job_inputs(cfg)
                 if expected is not None:
                     expected.add(config_hash(cfg))

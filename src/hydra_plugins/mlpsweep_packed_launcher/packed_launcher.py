@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from mlpsweep import interrupt
 from mlpsweep.config import require
 from mlpsweep.packed import MemberResult, member_result
-from mlpsweep.packing import Unit, plan_packs, train_pack
+from mlpsweep.packing import Unit, composed, plan_packs, train_pack
 
 log = logging.getLogger(__name__)
 BACKENDS = ("local", "submitit")
@@ -90,7 +90,9 @@ class PackedLauncher(Launcher):
 
     def _compose(self, overrides: Sequence[str], idx: int) -> DictConfig:
         assert self.hydra_context is not None and self.config is not None
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        sweep_config = composed(overrides) or self.hydra_context.config_loader.load_sweep_config(
+            self.config, list(overrides)
+        )
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
