@@ -560,9 +560,16 @@ class PackedTrainer:
     def _load_hypers(self) -> None:
         self.optimizer.load([m.optimizer.param_groups[0] for m in self.members], [m.done for m in self.members])
 
+    def _batches(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Each member's training batch, x [P, B, in] and y [P, B], by the indices `index` [P, B]
+        (index_select: a third cheaper than indexing on a CPU)."""
+        train = self.data.train
+        x = torch.index_select(train.x, 0, index.flatten()).view(*index.shape, *train.x.shape[1:])
+        return x, train.y.take(index)
+
     def _loss(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """Per-member mean cross-entropy [P] and logits [P, B, classes] of the batches `index` [P, B]."""
-        x, y = self.data.train.x[index], self.data.train.y[index]
+        x, y = self._batches(index)
         with autocast(self.device, self.precision):
             logits = self.net.forward(x, train=True)
             losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
@@ -578,7 +585,7 @@ class PackedTrainer:
     def _backprop_step(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """The step with its gradients written out (StackedMLP.backprop_step); plain SGD updates the
         weights inside the products that compute their gradients."""
-        x, y = self.data.train.x[index], self.data.train.y[index]
+        x, y = self._batches(index)
         optimizer = self.optimizer
         plain = optimizer.kind == "sgd" and not optimizer.momentum and not optimizer.weight_decay
         lr = optimizer.hypers["lr"] if plain else None
