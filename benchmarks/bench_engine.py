@@ -4,6 +4,7 @@
     python benchmarks/bench_engine.py --mode sweep       # the 6-run activation x norm sweep
     python benchmarks/bench_engine.py --mode accuracy    # test accuracy of both loops over seeds
     python benchmarks/bench_engine.py --mode steps optimizer=sgd_momentum   # training steps/s: autograd vs fast step
+    python benchmarks/bench_engine.py --mode packed      # sweep (a)'s 18 runs: one pack's steps vs solo steps
     python benchmarks/bench_engine.py --device cuda      # the same on a GPU
 
 The classic loop is the lecture's: torchvision's MNIST with ToTensor() per image, a
@@ -257,9 +258,48 @@ def sweep_mode(args: argparse.Namespace, device: torch.device) -> None:
     print(f"| `python train.py -m ...` (process start, MLflow tracking, test pass, model logging included) | {engine_s:.1f} | {classic_s / engine_s:.1f}x |")
 
 
+PACKED_MODELS = {"784-165-165-10": "depth.widths=[165,165]", "784-1024-300-10": "depth.widths=[1024,300]"}
+
+
+def packed_mode(args: argparse.Namespace, device: torch.device) -> None:
+    """Sweep (a)'s 18 runs (sigmoid, tanh, relu x none, batchnorm x seeds 0-2) per model: an epoch of
+    training steps as one pack (the packed launcher's step) and as 18 runs one after another (each
+    its own fastest step), taking turns; milliseconds per step of the pack against the sum of its
+    members' steps, from the median epoch after a warm-up epoch."""
+    from mlpsweep.cli import fresh_state
+    from mlpsweep.packed import Member, PackedTrainer
+    from mlpsweep.packing import segment_order
+
+    print("| model | pack step | pack ms/step | 18 solo steps ms | pack / solo |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, widths in PACKED_MODELS.items():
+        cfgs = [
+            compose_cfg([widths, f"activation={a}", f"norm={n}", f"seed={s}", f"trainer.device={device}", *args.override])
+            for a in ("sigmoid", "tanh", "relu") for n in ("none", "batchnorm") for s in (0, 1, 2)
+        ]  # fmt: skip
+        cfgs.sort(key=segment_order)
+        data = load_splits(cfgs[0].data, device)
+        members, solos = [], []
+        for cfg in cfgs:
+            members.append(Member(str(cfg.seed), cfg, *fresh_state(cfg, data, device), probe=None, figure_epochs=set()))
+            solos.append(EngineRun(cfg, device))
+        trainer = PackedTrainer(members, data, device)
+        times: dict[str, list[float]] = {"pack": [], "solo": []}
+        for epoch in range(1, args.epochs + 2):
+            start = time.perf_counter()
+            trainer._train_epoch(epoch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times["pack"].append(time.perf_counter() - start)
+            times["solo"].append(sum(solo.train_steps() for solo in solos))
+        steps = len(data.train) // cfgs[0].trainer.batch_size
+        pack, solo = (1000 * statistics.median(times[k][1:]) / steps for k in ("pack", "solo"))
+        print(f"| {name} | {trainer.kind} | {pack:.2f} | {solo:.2f} | {pack / solo:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("epoch", "sweep", "accuracy", "steps"), default="epoch")
+    parser.add_argument("--mode", choices=("epoch", "sweep", "accuracy", "steps", "packed"), default="epoch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (epoch, steps: after one warm-up epoch)")
     parser.add_argument("--threads", type=int, help="torch CPU threads for both loops (default: all cores)")
@@ -273,7 +313,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores\n")
-    {"epoch": epoch_mode, "sweep": sweep_mode, "accuracy": accuracy_mode, "steps": steps_mode}[args.mode](args, device)
+    modes = {"epoch": epoch_mode, "sweep": sweep_mode, "accuracy": accuracy_mode, "steps": steps_mode, "packed": packed_mode}
+    modes[args.mode](args, device)
 
 
 if __name__ == "__main__":

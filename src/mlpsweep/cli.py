@@ -285,7 +285,7 @@ def figures_ahead(cfg: DictConfig, result: packed.MemberResult) -> Figures:
     requests = tracking.probe_figures(result.snapshots, title) if cfg.probe.enabled else []
     if result.error is None and result.test is not None:
         requests = tracking.run_figures(result.history, result.test.confusion, title) + requests
-    return Figures.ahead(requests, in_worker=True)
+    return Figures.ahead(requests)
 
 
 def resume_from(

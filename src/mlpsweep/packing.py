@@ -58,6 +58,7 @@ _composed: dict[tuple[str, ...], DictConfig] = {}
 
 
 def keep_composed(overrides: Sequence[str], sweep_config: DictConfig) -> None:
+    """Keep a job's sweep config, composed by the sweep's preflight, for the packed launcher."""
     _composed[tuple(overrides)] = sweep_config
 
 
@@ -144,7 +145,7 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_in_workers: bo
     of worker processes where `figures_ahead_in_workers` (they draw them while the jobs log their
     members one by one). None if the packed training itself failed (the error is logged and the
     jobs run alone)."""
-    from mlpsweep.cli import figure_epochs, figures_ahead, fresh_state, make_deterministic, new_probe  # the job's own
+    from mlpsweep.cli import figure_epochs, figures_ahead, fresh_state, make_deterministic, new_probe  # the job's
     from mlpsweep.data import load_splits
 
     cfgs = [task_config(c) for c in sweep_configs]

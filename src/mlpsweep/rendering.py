@@ -34,6 +34,7 @@ DPI = 72  # the probe frames' resolution; the other figures keep matplotlib's de
 
 _pools: dict[bool, ProcessPoolExecutor] = {}  # every core's or half the cores' workers -> their pool
 
+
 def save_gif(frames: list[Path], out: Path, seconds_per_frame: float = 0.8) -> None:
     """An animated GIF of PNG frames (all resized to the first frame's size)."""
     images = [Image.open(path).convert("RGB") for path in frames]
@@ -108,10 +109,10 @@ class Figures:
         self.gifs: list[tuple[list[Path], str]] = []  # (frames, artifact path)
 
     @classmethod
-    def ahead(cls, requests: list[FigureRequest], in_worker: bool) -> Figures:
-        """Figures in a folder of their own, `requests` asked for now (drawn by a worker per core:
-        what runs meanwhile is the logging of runs, no training)."""
-        drawn = cls(None, in_worker, every_core=True)
+    def ahead(cls, requests: list[FigureRequest]) -> Figures:
+        """Figures in a folder of their own, `requests` asked for now of a worker per core (what
+        runs meanwhile is the logging of runs, no training)."""
+        drawn = cls(None, in_worker=True, every_core=True)
         for request in requests:
             drawn.add(*request)
         return drawn

@@ -43,7 +43,7 @@ from mlpsweep.data import DataSplits, raw_folder
 from mlpsweep.engine import EpochMetrics, metric_key
 from mlpsweep.interrupt import Interrupted, SweepStop
 from mlpsweep.probe import ActivationProbe, Snapshot
-from mlpsweep.rendering import FigureRequest, Figures
+from mlpsweep.rendering import DPI, FigureRequest, Figures
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def probe_grid_figure(snapshot: Snapshot, title: str) -> FigureRequest | None:
     """The probe's grid of a snapshot with histograms (a figure epoch's), else None."""
     if not any(layer.histograms for layer in snapshot.layers.values()):
         return None
-    return FigureRequest("probe_grid", (snapshot, title), f"probe/epoch_{snapshot.epoch:03d}.png", dpi=72)
+    return FigureRequest("probe_grid", (snapshot, title), f"probe/epoch_{snapshot.epoch:03d}.png", dpi=DPI)
 
 
 def snapshot_gradient_norms(snapshot: Snapshot) -> dict[str, float]:
