@@ -44,7 +44,7 @@ from mlpsweep.engine import DIVERGENCE_CHECK_EVERY, DivergenceError, EpochMetric
 from mlpsweep.probe import ActivationProbe, Snapshot
 from mlpsweep.rendering import Figures
 from mlpsweep.schedulers import Schedule, current_lr
-from mlpsweep.steps import GRAPH_WARMUP_STEPS, activation_in_place, autocast
+from mlpsweep.steps import GRAPH_WARMUP_STEPS, Activation, activation_in_place, autocast
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,10 @@ class Segment:
     stop: int
     activation: nn.Module
     norm: nn.Module | None
+    in_place: Activation | None = field(init=False)  # the activation as the hand-derived step applies it
+
+    def __post_init__(self) -> None:
+        self.in_place = activation_in_place(self.activation)
 
 
 class StackedMLP:
@@ -175,8 +179,7 @@ class StackedMLP:
         """Whether `backprop_step` handles every member: ReLU, LeakyReLU, sigmoid or tanh, and no
         norm or batch norm (as the solo `backprop` step)."""
         return all(
-            activation_in_place(s.activation) is not None and (s.norm is None or isinstance(s.norm, nn.BatchNorm1d))
-            for s in self.segments
+            s.in_place is not None and (s.norm is None or isinstance(s.norm, nn.BatchNorm1d)) for s in self.segments
         )
 
     @torch.no_grad()
@@ -198,7 +201,7 @@ class StackedMLP:
                 a[run.start : run.stop], normalised = self._batch_norm_train(a[run.start : run.stop], run, layer)
                 saved.append(normalised)
             for segment in self.segments:
-                activation_in_place(segment.activation).forward(a[segment.start : segment.stop])
+                segment.in_place.forward(a[segment.start : segment.stop])
             outputs.append(a)
             if self.dropout:
                 masks.append((torch.rand_like(a) < self.keep).to(a.dtype) / self.keep)
@@ -263,7 +266,7 @@ class StackedMLP:
             grads[id(gamma)], grads[id(beta)] = torch.zeros_like(gamma), torch.zeros_like(beta)
         for segment in self.segments:
             rows = slice(segment.start, segment.stop)
-            activation_in_place(segment.activation).scale_grad(grad[rows], output[rows])
+            segment.in_place.scale_grad(grad[rows], output[rows])
         for run in reversed(self.batch_norm_runs):
             rows = slice(run.start, run.stop)
             part = grad[rows]
@@ -642,9 +645,10 @@ class PackedTrainer:
             if not training:  # every member left diverged during this epoch
                 continue
             best = max(training, key=lambda i: val_acc[i])
+            worst = min(val_acc[i] for i in training)
             log.info(
                 f"pack epoch {epoch}/{self.max_epochs}: {len(training)} runs, val acc "
-                f"{min(val_acc[i] for i in training):.4f} to {val_acc[best]:.4f} ({self.members[best].name}), {seconds:.1f}s"
+                f"{worst:.4f} to {val_acc[best]:.4f} ({self.members[best].name}), {seconds:.1f}s"
             )
 
     def _train_epoch(self, epoch: int) -> tuple[list[float], list[float]]:

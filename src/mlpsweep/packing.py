@@ -91,9 +91,10 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> Pa
             continue
         reason = unpackable(cfg)
         if reason is None and cfg.resume:
-            if tracking.finished_run(cfg, config_hash(cfg)):
+            cfg_hash = config_hash(cfg)
+            if tracking.finished_run(cfg, cfg_hash):
                 reason = "it already finished (resume=true skips it)"
-            elif tracking.has_unfinished_run(cfg, config_hash(cfg)):
+            elif tracking.has_unfinished_run(cfg, cfg_hash):
                 reason = "its unfinished run continues from its checkpoint (resume=true)"
         if reason is not None:
             alone.append(Unit([i], reason=reason))
@@ -145,7 +146,13 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_in_workers: bo
     of worker processes where `figures_ahead_in_workers` (they draw them while the jobs log their
     members one by one). None if the packed training itself failed (the error is logged and the
     jobs run alone)."""
-    from mlpsweep.cli import figure_epochs, figures_ahead, fresh_state, make_deterministic, new_probe  # the job's
+    from mlpsweep.cli import (  # the job's own builders
+        figure_epochs,
+        figures_ahead,
+        fresh_state,
+        make_deterministic,
+        new_probe,
+    )
     from mlpsweep.data import load_splits
 
     cfgs = [task_config(c) for c in sweep_configs]

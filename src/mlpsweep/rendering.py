@@ -105,7 +105,7 @@ class Figures:
         self.workdir = Path(tempfile.mkdtemp(prefix="mlpsweep-figures-")) if workdir is None else workdir
         self.in_worker = in_worker
         self.every_core = every_core  # a worker per core: nothing trains while they draw
-        self.pending: list[tuple[Future[str] | str, tuple[str, tuple[Any, ...], str, float | None]]] = []
+        self.pending: list[tuple[Future[str] | str, FigureRequest]] = []  # (drawn file, what it draws)
         self.gifs: list[tuple[list[Path], str]] = []  # (frames, artifact path)
 
     @classmethod
@@ -120,24 +120,24 @@ class Figures:
     def add(self, drawing: str, args: tuple[Any, ...], artifact_path: str, dpi: float | None = None) -> Path:
         """Have `drawing` of `args` drawn into the file that becomes the artifact `artifact_path`; return that file."""
         path = self.workdir / artifact_path
-        if any(request[2] == artifact_path for _, request in self.pending):  # asked for ahead
+        if any(request.artifact_path == artifact_path for _, request in self.pending):  # asked for ahead
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        request = (drawing, args, str(path), dpi)
         result: Future[str] | str | None = None
         if self.in_worker:
             try:
-                result = worker_pool(self.every_core).submit(draw, *request)
+                result = worker_pool(self.every_core).submit(draw, drawing, args, str(path), dpi)
             except BrokenProcessPool:
                 _forget_pool(self.every_core)
-        self.pending.append((result if result is not None else draw(*request), (*request[:2], artifact_path, dpi)))
+        drawn = result if result is not None else draw(drawing, args, str(path), dpi)
+        self.pending.append((drawn, FigureRequest(drawing, args, artifact_path, dpi)))
         return path
 
     def add_gif(self, frames: list[Path], artifact_path: str) -> None:
         """An animated GIF of drawn frames (added before), made once they are drawn."""
         self.gifs.append((frames, artifact_path))
 
-    def _drawn(self, result: Future[str] | str, request: tuple[str, tuple[Any, ...], str, float | None]) -> str:
+    def _drawn(self, result: Future[str] | str, request: FigureRequest) -> str:
         """The drawn file: a worker's, or drawn here if the worker died."""
         if not isinstance(result, Future):
             return result
@@ -145,14 +145,12 @@ class Figures:
             return result.result()
         except BrokenProcessPool:
             _forget_pool(self.every_core)
-            drawing, args, artifact_path, dpi = request
-            return draw(drawing, args, str(self.workdir / artifact_path), dpi)
+            return draw(request.drawing, request.args, str(self.workdir / request.artifact_path), request.dpi)
 
     def log_all(self) -> None:
         """Wait for the figures and log each as an artifact of the active run, under its name."""
         for result, request in self.pending:
-            artifact_path = request[2]
-            mlflow.log_artifact(self._drawn(result, request), artifact_path.rpartition("/")[0] or None)
+            mlflow.log_artifact(self._drawn(result, request), request.artifact_path.rpartition("/")[0] or None)
         for frames, artifact_path in self.gifs:
             gif = self.workdir / artifact_path
             save_gif(frames, gif)
