@@ -56,6 +56,8 @@ def run_sweep(
                f"tracking.uri={uri}", f"hydra.sweep.dir={folder / 'multirun'}", "trainer.progress_bar=false"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join([str(repo / "src"), env.get("PYTHONPATH", "")])  # that checkout's mlpsweep
+    if "MNIST_ROOT" in env:  # the sweep runs in `folder`: a relative root would point elsewhere
+        env["MNIST_ROOT"] = str(Path(env["MNIST_ROOT"]).resolve())
     start = time.perf_counter()
     with log.open("w") as output:
         done = subprocess.run(command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, check=False)
@@ -127,10 +129,10 @@ def main() -> None:
         for launcher in args.launchers.split(","):
             root = Path(tempfile.mkdtemp(prefix=f"bench-{sweep}-{launcher}-"))
             result = run_sweep(SWEEPS[sweep], launcher, args.set, root, logs / f"{sweep}-{launcher}.log", args.repo)
-            fixed = (result["wall"] - result["train"] - startup) / max(1, result["jobs"])
+            fixed = (result["wall"] - result["train"] - startup) / result["jobs"] if result["finished"] else None
             walls[launcher] = result["wall"]
             print(f"| {sweep} | {launcher} | {result['finished']}/{result['jobs']} (rc {result['rc']}) | {result['wall']:.1f} | "
-                  f"{result['train']:.1f} | {result['samples_per_s']:,.0f} | {fixed:.2f} |", flush=True)  # fmt: skip
+                  f"{result['train']:.1f} | {result['samples_per_s']:,.0f} | {'-' if fixed is None else f'{fixed:.2f}'} |", flush=True)  # fmt: skip
             shutil.rmtree(root)
         if "basic" in walls:
             ratios = ", ".join(

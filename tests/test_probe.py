@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,3 +110,18 @@ def test_infinite_activations_are_counted_not_logged_as_metrics() -> None:
     assert 0 < layer.stats["nonfinite_frac"] < 1
     assert all(math.isfinite(v) for v in snapshot.metrics().values())
     assert 0 < sum(layer.histograms["linear"][1]) < 200 * 64  # the finite values only
+
+
+def test_a_figure_worker_imports_matplotlib_not_torch_or_mlflow(tmp_path: Path) -> None:
+    """What a spawned figure worker imports: train.py as its main module, then what `draw` needs
+    (torch, MLflow and Hydra were three seconds of each worker's start, most of a short sweep's figure time)."""
+    worker = (
+        "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__mp_main__'); from mlpsweep import rendering; "
+        "rendering.draw('gradient_norms', ({0: {'hidden1': 1.0}}, 'title'), sys.argv[2], None); "
+        "print(' '.join(sorted({'torch', 'mlflow', 'hydra', 'matplotlib'} & set(sys.modules))))"
+    )
+    train_py = Path(__file__).resolve().parents[1] / "train.py"
+    out = subprocess.run([sys.executable, "-c", worker, str(train_py), str(tmp_path / "norms.png")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["matplotlib"]
+    assert (tmp_path / "norms.png").stat().st_size > 1000

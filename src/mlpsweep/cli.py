@@ -264,9 +264,10 @@ def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSp
                 probe_log.seconds = result.probe_seconds
             for metrics in result.history:
                 log.info(metrics.log_line())
-            tracking.log_epochs(result.history)  # before the probe's: the compare view plots the first metric
-            for snapshot in result.snapshots if probe_log else ():
-                probe_log.record(snapshot)
+            snapshots = result.snapshots if probe_log else []
+            tracking.log_epochs(result.history, snapshots)
+            for snapshot in snapshots:
+                probe_log.record(snapshot, metrics_logged=True)
             if result.error is not None:
                 drawn.log_all()
                 raise result.error

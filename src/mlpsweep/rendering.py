@@ -24,11 +24,11 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import mlflow
 from PIL import Image
 
 # the functions of mlpsweep.figures that draw a figure from plain data (matplotlib is imported
-# where they draw, a worker process or a job drawing in place, not by every job)
+# where they draw, a worker process or a job drawing in place, not by every job; a worker imports
+# this module and mlpsweep.figures only, so neither imports torch or MLflow at the top)
 DRAWINGS = ("learning_curves", "confusion_matrix", "probe_grid", "gradient_norms")
 DPI = 72  # the probe frames' resolution; the other figures keep matplotlib's default
 
@@ -73,7 +73,9 @@ def worker_pool(every_core: bool) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(
             max_workers=max(1, min(4, cores if every_core else cores // 2)),
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_leave_interrupts,
+            # a worker ignores Ctrl-C (it reaches the whole process group): the job decides what stops
+            initializer=signal.signal,
+            initargs=(signal.SIGINT, signal.SIG_IGN),
         )
         atexit.register(pool.shutdown, wait=True, cancel_futures=True)
         _pools[every_core] = pool
@@ -83,11 +85,6 @@ def worker_pool(every_core: bool) -> ProcessPoolExecutor:
 def _forget_pool(every_core: bool) -> None:
     """Drop a broken pool (a worker died); the next figure starts a new one."""
     _pools.pop(every_core, None)
-
-
-def _leave_interrupts() -> None:
-    """A worker ignores Ctrl-C (it reaches the whole process group): the job decides what stops."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Figures:
@@ -149,6 +146,8 @@ class Figures:
 
     def log_all(self) -> None:
         """Wait for the figures and log each as an artifact of the active run, under its name."""
+        import mlflow  # here, not at the top: see DRAWINGS
+
         for result, request in self.pending:
             mlflow.log_artifact(self._drawn(result, request), request.artifact_path.rpartition("/")[0] or None)
         for frames, artifact_path in self.gifs:

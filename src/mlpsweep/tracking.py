@@ -293,11 +293,13 @@ def log_epoch(metrics: EpochMetrics) -> None:
     mlflow.log_metrics(metrics.metrics(), step=metrics.epoch)
 
 
-def log_epochs(history: Sequence[EpochMetrics]) -> None:
-    """Log a whole history of epochs in one request."""
+def log_epochs(history: Sequence[EpochMetrics], snapshots: Sequence[Snapshot] = ()) -> None:
+    """Log a whole history of epochs, and the probe's snapshots of them, in one request (the
+    epochs' metrics first: MLflow's compare view plots a run's first metric)."""
     run_id = mlflow.active_run().info.run_id
     now = int(time.time() * 1000)
     metrics = [Metric(key, value, now, m.epoch) for m in history for key, value in m.metrics().items()]
+    metrics += [Metric(key, value, now, s.epoch) for s in snapshots for key, value in s.metrics().items()]
     MlflowClient().log_batch(run_id, metrics=metrics, synchronous=True)
 
 
@@ -314,7 +316,7 @@ def run_figures(history: Sequence[EpochMetrics], confusion: torch.Tensor, title:
     """A run's learning curves and test confusion matrix."""
     counts = confusion.numpy()
     return [
-        FigureRequest("learning_curves", (list(history), title), "learning_curves.png"),
+        FigureRequest("learning_curves", ([asdict(m) for m in history], title), "learning_curves.png"),
         FigureRequest("confusion_matrix", (counts, f"{title}: test confusion matrix"), "confusion_matrix.png"),
     ]
 
@@ -334,7 +336,9 @@ def probe_grid_figure(snapshot: Snapshot, title: str) -> FigureRequest | None:
     """The probe's grid of a snapshot with histograms (a figure epoch's), else None."""
     if not any(layer.histograms for layer in snapshot.layers.values()):
         return None
-    return FigureRequest("probe_grid", (snapshot, title), f"probe/epoch_{snapshot.epoch:03d}.png", dpi=DPI)
+    layers = {name: asdict(layer) for name, layer in snapshot.layers.items()}
+    artifact_path = f"probe/epoch_{snapshot.epoch:03d}.png"
+    return FigureRequest("probe_grid", (snapshot.epoch, layers, title), artifact_path, dpi=DPI)
 
 
 def snapshot_gradient_norms(snapshot: Snapshot) -> dict[str, float]:
@@ -389,11 +393,13 @@ class ProbeLog:
             self.record(self.waiting)
             self.waiting = None
 
-    def record(self, snapshot: Snapshot) -> None:
-        """Log a snapshot taken at its epoch: its metrics, and its figure where it has histograms."""
+    def record(self, snapshot: Snapshot, metrics_logged: bool = False) -> None:
+        """Log a snapshot taken at its epoch: its metrics (unless `metrics_logged` already, see
+        log_epochs), and its figure where it has histograms."""
         start = time.perf_counter()
         epoch = snapshot.epoch
-        mlflow.log_metrics(snapshot.metrics(), step=epoch)
+        if not metrics_logged:
+            mlflow.log_metrics(snapshot.metrics(), step=epoch)
         if norms := snapshot_gradient_norms(snapshot):
             self.gradient_norms[epoch] = norms
         if grid := probe_grid_figure(snapshot, self.title):
