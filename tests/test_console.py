@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,11 @@ def test_the_model_in_one_line() -> None:
 
 def test_progress_lines() -> None:
     assert [duration(s) for s in (42.4, 185, 3725)] == ["42s", "3m05s", "1h02m"]
-    assert progress_line(3, 18, "a: finished", 90) == "job 3/18 done (a: finished), 1m30s elapsed, about 7m30s left"
+    # the pace since the first job ended: 30 s a job, 15 jobs to go
+    assert progress_line(3, 18, "a: finished", 90, first_end=30) == "job 3/18 done (a: finished), 1m30s elapsed, about 7m30s left"
+    # a pack of 18 trained for 60 s, then its members ended a second apart: 14 s left, not 14 minutes
+    assert progress_line(4, 18, "p: finished", 64, first_end=61).endswith("about 14s left")
+    assert progress_line(1, 18, "a: finished", 61, first_end=61) == "job 1/18 done (a: finished), 1m01s elapsed"  # no pace yet
     assert progress_line(18, 18, "b: finished", 540) == "job 18/18 done (b: finished), 9m00s elapsed"
     assert progress_line(4, None, "c: did not finish", 20) == "job 4 done (c: did not finish), 20s elapsed"
 
@@ -55,18 +60,23 @@ def test_progress_lines() -> None:
 def test_sweep_progress_reads_the_job_ends_from_the_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     client = MlflowClient(sqlite_uri(tmp_path))
     parent = client.create_run(get_or_create_experiment(client, "mlpsweep"), run_name="sweep").info.run_id
-    progress = SweepProgress(client, parent, total=3, interval_s=0.1)
+    progress = SweepProgress(client, parent, total=4, interval_s=0.1)
     caplog.set_level(logging.INFO, logger="mlpsweep.console")
     record_job_end(client, parent, 1, "relu-none-p0-1024x300-s0", "finished")
     record_job_end(client, parent, 0, "relu-batchnorm-p0-1024x300-s0", "did not finish")
     progress.poll()
     progress.poll()  # nothing new: nothing said twice
+    time.sleep(0.2)
     record_job_end(client, parent, 2, "tanh-none-p0-1024x300-s0", "finished")
+    progress.poll()
+    record_job_end(client, parent, 3, "tanh-batchnorm-p0-1024x300-s0", "finished")
     progress.start().stop()
     lines = [r.getMessage() for r in caplog.records if r.name == "mlpsweep.console"]
     assert [line.split(", ")[0] for line in lines] == [
-        "job 1/3 done (relu-batchnorm-p0-1024x300-s0: did not finish)",
-        "job 2/3 done (relu-none-p0-1024x300-s0: finished)",
-        "job 3/3 done (tanh-none-p0-1024x300-s0: finished)",
+        "job 1/4 done (relu-batchnorm-p0-1024x300-s0: did not finish)",
+        "job 2/4 done (relu-none-p0-1024x300-s0: finished)",
+        "job 3/4 done (tanh-none-p0-1024x300-s0: finished)",
+        "job 4/4 done (tanh-batchnorm-p0-1024x300-s0: finished)",
     ]
-    assert "left" in lines[0] and "left" not in lines[2]
+    # jobs 1 and 2 were seen in one poll: no pace yet; then one job in 0.2 s; job 4 is the last
+    assert ["left" in line for line in lines] == [False, False, True, False]

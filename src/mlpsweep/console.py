@@ -2,7 +2,8 @@
 far along it is.
 
 Each job marks its end on the sweep's parent run (a tag per job); the launching process polls the
-parent and logs a line per job that ended, with the time elapsed and an estimate of what is left.
+parent and logs a line per job that ended, with the time elapsed and an estimate of what is left
+(from the pace at which jobs end).
 This works whatever runs the jobs: the basic launcher (in the launching process), joblib's worker
 processes, SLURM.
 """
@@ -63,13 +64,18 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def progress_line(done: int, total: int | None, what: str, elapsed: float) -> str:
-    """E.g. `job 3/18 done (relu-none-p0-1024x300-s0: finished), 2m10s elapsed, about 10m50s left`:
-    the estimate assumes the remaining jobs take as long as the finished ones on average."""
-    if total is None or done >= total:
-        return f"job {done}{f'/{total}' if total else ''} done ({what}), {duration(elapsed)} elapsed"
-    left = elapsed / done * max(total - done, 0)
-    return f"job {done}/{total} done ({what}), {duration(elapsed)} elapsed, about {duration(left)} left"
+def progress_line(done: int, total: int | None, what: str, elapsed: float, first_end: float | None = None) -> str:
+    """E.g. `job 3/18 done (relu-none-p0-1024x300-s0: finished), 2m10s elapsed, about 10m50s left`.
+
+    The estimate of what is left goes by the pace since the first job ended (`first_end` seconds in,
+    if known): the first job's time holds the sweep's start-up, and under the packed launcher a
+    whole pack's training, after which its members end a second or so apart. Until a second job has
+    ended after the first, there is no pace and no estimate."""
+    line = f"job {done}{f'/{total}' if total else ''} done ({what}), {duration(elapsed)} elapsed"
+    if total is None or done >= total or done < 2 or first_end is None or elapsed <= first_end:
+        return line
+    left = (elapsed - first_end) / (done - 1) * (total - done)
+    return f"{line}, about {duration(left)} left"
 
 
 class SweepProgress:
@@ -83,6 +89,7 @@ class SweepProgress:
         self.interval_s = interval_s
         self.seen: set[str] = set()
         self.start_time = time.monotonic()
+        self.first_end: float | None = None  # seconds from the start to when the first job end was seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll_until_stopped, name="sweep-progress", daemon=True)
 
@@ -109,9 +116,12 @@ class SweepProgress:
         except Exception:  # a busy or unreachable store: the sweep itself reports what matters
             return
         ended = sorted((k for k in tags if k.startswith(JOB_END_TAG_PREFIX) and k not in self.seen), key=_job_number)
+        elapsed = time.monotonic() - self.start_time
         for key in ended:
             self.seen.add(key)
-            log.info(progress_line(len(self.seen), self.total, tags[key], time.monotonic() - self.start_time))
+            if self.first_end is None:
+                self.first_end = elapsed
+            log.info(progress_line(len(self.seen), self.total, tags[key], elapsed, self.first_end))
 
 
 def _job_number(tag: str) -> int:
