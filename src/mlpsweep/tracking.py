@@ -404,7 +404,7 @@ class ProbeLog:
             self.gradient_norms[epoch] = norms
         if grid := probe_grid_figure(snapshot, self.title):
             self.frames.append(self.drawn.add(*grid))
-            self.histograms[epoch] = {name: asdict(layer) for name, layer in snapshot.layers.items()}
+            self.histograms[epoch] = grid.args[1]  # the snapshot's layers as dicts, as the grid draws them
         self.seconds += time.perf_counter() - start
 
     def finish(self, started: float) -> None:
