@@ -26,7 +26,7 @@ from torchvision import datasets
 from mlpsweep import data
 from mlpsweep.checks import INPUT_ERRORS, check_inputs, check_tracking_uri
 from mlpsweep.cli import train
-from mlpsweep.config import ConfigError, check_group_overrides
+from mlpsweep.config import ConfigError, check_composition, check_group_overrides
 from mlpsweep.data import IDX_FILES, DataError
 
 
@@ -449,6 +449,41 @@ def test_group_problems_come_in_command_line_order() -> None:
     ]
 
 
+# --- the rest of the command line, composed as Hydra will before any callback runs ---------------
+
+TRAINER_KEYS = "batch_size, checkpoint_dir, deterministic, device, early_stopping, eval_batch_size, fast_step"
+COMPOSITION = {  # (overrides, multirun) -> the one line
+    ("trainer.max_epoch=3",): "trainer.max_epoch=3: trainer has no key 'max_epoch'; its keys: max_epochs, "
+    f"{TRAINER_KEYS}, num_threads, precision, progress_bar (to add a key, use +trainer.max_epoch=3)",
+    ("-m", "hydra/launcher=packed", "hydra.launcher.pack_size=abc"):
+    "hydra.launcher.pack_size=abc: Value 'abc' of type 'str' could not be converted to Integer",
+    ("-m", "hydra.sweeper.max_batch=2"): "hydra.sweeper.max_batch=2: hydra.sweeper has no key 'max_batch'; its keys: "
+    "max_batch_size, _target_, params (to add a key, use +hydra.sweeper.max_batch=2)",
+    ("-m", "hydra.launcher.pack_size=1,2"):
+    "Sweeping over Hydra's configuration is not supported : 'hydra.launcher.pack_size=1,2'",
+    ("dropout.p=[",): "dropout.p=[: no viable alternative at input '['",
+    ("hydra/launcher=bogus",): "In 'hydra/config': Could not find 'hydra/launcher/bogus' Available options in "
+    "'hydra/launcher': basic joblib packed slurm submitit_local submitit_slurm",
+    ("seed=0,1",): "Ambiguous value for argument 'seed=0,1'",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMPOSITION)
+def test_what_hydra_would_stop_at_is_one_line(command: tuple[str, ...]) -> None:
+    multirun = command[0] == "-m"
+    problems = check_composition(list(command[multirun:]), multirun)
+    assert len(problems) == 1 and problems[0].startswith(COMPOSITION[command])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["seed=0,1", "activation=relu,tanh", "hydra/launcher=packed", "hydra.launcher.pack_size=4"],
+     ["experiment=lecture/all", "seed=0,1"], ["+trainer.new_key=1", "optimizer.lr=0.1,0.2"]],
+)  # fmt: skip
+def test_what_composes_passes(overrides: list[str]) -> None:
+    assert check_composition(overrides, multirun="experiment=lecture/all" not in overrides) == []  # its own MULTIRUN mode
+
+
 # --- the command line: exit status 2, one line naming the key, nothing written in its directory ---
 
 WRITTEN = {"mlflow.db", "mlruns", "mlartifacts", "multirun", "outputs", "checkpoints"}
@@ -467,6 +502,14 @@ def test_cli_group_option_given_a_number_or_an_unknown_name(multirun: list[str],
         f"dropout=0.2: {DROPOUT_RATE}0.2",
         f"activation=foo: must be one of {ACTIVATIONS}",
     ]
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_a_key_hydra_cannot_set_is_bad_input(tmp_path: Path) -> None:
+    result = run_cli(["--multirun", "seed=0,1", "trainer.max_epoch=3"], tmp_path)
+    assert result.returncode == 2
+    assert (result.stdout + result.stderr).strip().splitlines() == [COMPOSITION[("trainer.max_epoch=3",)]]
     assert_nothing_written(tmp_path)
 
 

@@ -31,7 +31,7 @@ from mlpsweep.checkpoint import (
     save_checkpoint,
 )
 from mlpsweep.checks import INPUT_ERRORS, check_inputs
-from mlpsweep.config import CONFIG_DIR, check_group_overrides, launch_dir
+from mlpsweep.config import CONFIG_DIR, check_composition, check_group_overrides, launch_dir
 from mlpsweep.data import DataSplits, dataset_digest, load_splits
 from mlpsweep.early_stopping import BestWeights, EarlyStopping
 from mlpsweep.engine import (
@@ -391,9 +391,9 @@ def job(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """`python train.py [-m] [overrides]`: check the command line's group options, run Hydra,
+    """`python train.py [-m] [overrides]`: check the command line (input_problems), run Hydra,
     and exit with the status of what happened (a sweep's from the store, see sweep.close_sweep)."""
-    problems = check_group_overrides(command_line_overrides(sys.argv[1:]))
+    problems = input_problems(sys.argv[1:])
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -418,9 +418,17 @@ def main() -> None:
     sys.exit(code)
 
 
-def command_line_overrides(argv: list[str]) -> list[str]:
-    """The overrides in Hydra's command line (none when it does not parse: Hydra reports that)."""
+def input_problems(argv: list[str]) -> list[str]:
+    """The command line's problems, one line each: its group options, then, for a command that
+    runs or sweeps the app's own config, what Hydra's composition of it would stop at. A command
+    line that does not parse is Hydra's to report, as is anything after --help, --cfg or --info."""
     try:
-        return list(get_args_parser().parse_known_args(argv)[0].overrides)
+        args = get_args_parser().parse_known_args(argv)[0]
     except SystemExit:
         return []
+    overrides = list(args.overrides)
+    if problems := check_group_overrides(overrides):
+        return problems
+    shows = args.help or args.hydra_help or args.cfg or args.info is not None or args.shell_completion
+    other_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
+    return [] if shows or other_config else check_composition(overrides, args.multirun)

@@ -5,11 +5,14 @@ Every key a user can set has a Rule in RULES (type and range). Option names are 
 the registries of the factories that use them (model.ACTIVATIONS, model.NORMS, engine.OPTIMIZERS,
 data.DATASETS), and the other keys of an activation, norm or optimizer node against the keyword
 arguments of the class it names. `check_group_overrides` checks `group=option` overrides against
-the option files in conf/ before Hydra composes anything.
+the option files in conf/ before Hydra composes anything, and `check_composition` the rest of the
+command line by composing the config as Hydra will (keys that do not exist, values of the wrong
+type for Hydra's own settings), each problem in one line instead of Hydra's report.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import re
@@ -18,14 +21,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.utils import create_config_search_path
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, IntervalSweep, Override, RangeSweep
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 # conf/ at the repository root (the package is installed editable from the repository)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONFIG_NAME = "train"  # conf/train.yaml, the primary config
 
 # trainer.precision: fp32, or bf16 autocast
 PRECISIONS = ("fp32", "bf16")
@@ -347,3 +355,52 @@ def check_group_overrides(overrides: list[str]) -> list[str]:
             else:
                 found.append(f"{name}={written}: must be one of {group.listed}")
     return found
+
+
+def check_composition(overrides: list[str], multirun: bool) -> list[str]:
+    """The problem, in one line, that Hydra's own composition of the command line would stop at
+    (none if it composes): a key that does not exist, a value of the wrong type for one of Hydra's
+    typed settings (hydra.launcher.pack_size=abc), a config that is not there, a swept value where
+    Hydra allows none. Hydra reports these over several lines and exits with status 1 before any
+    callback of ours runs; composing here first (as Hydra will: a sweep's config without its swept
+    values, which the preflight composes job by job) makes them bad input like any other."""
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONFIG_DIR)))
+    try:
+        # Hydra's first composition, the one it reads the run mode from (Hydra.get_mode)
+        cfg = loader.load_configuration(CONFIG_NAME, overrides, RunMode.MULTIRUN, validate_sweep_overrides=False)
+        mode = RunMode.MULTIRUN if multirun or cfg.hydra.mode == RunMode.MULTIRUN else RunMode.RUN
+        loader.validate_sweep_overrides_legal(OverridesParser.create().parse_overrides(overrides), mode, from_shell=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        return [_composition_problem(err, overrides)]
+    return []
+
+
+def _composition_problem(err: Exception, overrides: list[str]) -> str:
+    """One line for a composition error: the override it stopped at and why (for a key that does
+    not exist, the keys there are, the nearest first), else Hydra's message on one line."""
+    if isinstance(err, OverrideParseException):
+        return f"{err.override}: {' '.join(str(err).split())}"
+    cause = err.__cause__
+    full_key = getattr(cause, "full_key", None)
+    written = next((text for text in overrides if full_key and _override_key(text) in (full_key, *_parents(full_key))), None)
+    if not isinstance(cause, OmegaConfBaseException) or written is None:
+        return " ".join(str(err).split("Config search path")[0].split())  # no search path listing
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(cause.parent_node, DictConfig):
+        parent, _, key = full_key.rpartition(".")
+        keys = [str(k) for k in cause.parent_node.keys()]
+        near = difflib.get_close_matches(str(key), keys, n=3)
+        listed = ", ".join(near + sorted(set(keys) - set(near)))
+        where = parent or "the config"
+        return f"{written}: {where} has no key {key!r}; its keys: {listed} (to add a key, use +{written})"
+    return f"{written}: {str(cause).splitlines()[0]}"
+
+
+def _override_key(text: str) -> str:
+    """The key (or group) an override names, without its +/~/++ prefix."""
+    return text.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+
+
+def _parents(key: str) -> list[str]:
+    """`a.b.c` -> [`a.b`, `a`]: an override of a node fails on one of its keys."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
