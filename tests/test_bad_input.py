@@ -481,7 +481,8 @@ def test_what_hydra_would_stop_at_is_one_line(command: tuple[str, ...]) -> None:
      ["experiment=lecture/all", "seed=0,1"], ["+trainer.new_key=1", "optimizer.lr=0.1,0.2"]],
 )  # fmt: skip
 def test_what_composes_passes(overrides: list[str]) -> None:
-    assert check_composition(overrides, multirun="experiment=lecture/all" not in overrides) == []  # its own MULTIRUN mode
+    multirun = "experiment=lecture/all" not in overrides  # the experiment is a sweep without -m (hydra.mode)
+    assert check_composition(overrides, multirun) == []
 
 
 # --- the command line: exit status 2, one line naming the key, nothing written in its directory ---

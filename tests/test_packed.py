@@ -9,9 +9,13 @@ products, its own batch-norm and loss reductions), so float32 rounding differs i
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -21,9 +25,11 @@ from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from mlpsweep.checkpoint import CheckpointError
 from mlpsweep.cli import fresh_state, new_probe
 from mlpsweep.data import load_splits
 from mlpsweep.engine import DivergenceError, EpochMetrics, fit
+from mlpsweep.pack_checkpoint import PackIdentity, load_pack_checkpoint, save_pack_checkpoint
 from mlpsweep.packed import Member, MemberResult, PackedTrainer
 from mlpsweep.packing import plan_packs
 from mlpsweep.stats import welch_difference
@@ -40,8 +46,8 @@ def solo(cfg: DictConfig, device: torch.device = CPU) -> tuple[list[EpochMetrics
     return fit(model, optimizer, data, cfg.trainer, generator, schedule=schedule), model
 
 
-def pack(cfgs: list[DictConfig], device: torch.device = CPU) -> list[MemberResult]:
-    """The configs trained as one pack, in the given order."""
+def pack_trainer(cfgs: list[DictConfig], device: torch.device = CPU) -> PackedTrainer:
+    """The configs built as one pack, in the given order, as its jobs build them."""
     data = load_splits(cfgs[0].data, device)
     members = []
     for cfg in cfgs:
@@ -50,7 +56,12 @@ def pack(cfgs: list[DictConfig], device: torch.device = CPU) -> list[MemberResul
         members.append(
             Member(run_name(cfg), cfg, model, optimizer, schedule, generator, probe, {0, cfg.trainer.max_epochs})
         )
-    trainer = PackedTrainer(members, data, device)
+    return PackedTrainer(members, data, device)
+
+
+def pack(cfgs: list[DictConfig], device: torch.device = CPU) -> list[MemberResult]:
+    """The configs trained as one pack, in the given order."""
+    trainer = pack_trainer(cfgs, device)
     trainer.fit()
     return trainer.results(train_seconds=1.0)
 
@@ -195,6 +206,64 @@ def test_the_probe_sees_a_member_as_it_sees_its_solo_run(tiny_cfg: Callable[...,
         for key, value in layer.stats.items():
             assert last.layers[name].stats[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, key)
         assert last.layers[name].histograms.keys() == layer.histograms.keys()
+
+
+class Stop(Exception):
+    """Stands for an interrupt after an epoch's checkpoint."""
+
+
+def test_an_interrupted_pack_continues_from_its_checkpoint_as_if_never_stopped(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """Dropout's masks, a per-step schedule, batch norm, a member that diverged before the
+    interrupt and one early stopping stops after it: all bit for bit on a CPU."""
+    common = (*STEPS, "trainer.max_epochs=6")
+    cfgs = [
+        tiny_cfg(*common, "seed=0", "dropout.p=0.3", "scheduler=onecycle"),
+        tiny_cfg(*common, "seed=1", "optimizer.lr=1e30"),
+        tiny_cfg(*common, "seed=2", "norm=batchnorm", "optimizer=sgd_momentum", "trainer.early_stopping.patience=3",
+                 "trainer.early_stopping.min_delta=1"),  # fmt: skip
+    ]
+    identity = PackIdentity("sqlite:///store.db", "mlpsweep", "digest", "sweep", ("a", "b", "c"))
+    checkpoint = tmp_path / "pack.pt"
+    whole = pack(cfgs)
+
+    interrupted = pack_trainer(cfgs)
+
+    def save_then_stop(epoch: int) -> None:
+        save_pack_checkpoint(checkpoint, identity, interrupted, epoch)
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        interrupted.fit(after_epoch=save_then_stop)
+    resumed = pack_trainer(cfgs)
+    assert load_pack_checkpoint(checkpoint, identity, resumed) == 2
+    resumed.fit()
+    for before, after in zip(whole, resumed.results(train_seconds=1.0), strict=True):
+        assert [replace(m, epoch_time_s=0) for m in after.history] == [replace(m, epoch_time_s=0) for m in before.history]
+        assert after.snapshots == before.snapshots
+        assert str(after.error) == str(before.error)
+        assert all(torch.equal(a, b) for a, b in zip(after.model.state_dict().values(), before.model.state_dict().values()))
+    assert isinstance(whole[1].error, DivergenceError) and 2 < len(whole[2].history) < 6  # diverged, then stopped
+
+
+def test_a_pack_checkpoint_of_another_pack_is_refused_and_changes_nothing(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=2", f"seed={seed}") for seed in (0, 1, 2)]
+    identity = PackIdentity("sqlite:///store.db", "mlpsweep", "digest", "sweep", ("a", "b"))
+    checkpoint = tmp_path / "pack.pt"
+    two = pack_trainer(cfgs[:2])
+    two.fit(after_epoch=lambda epoch: save_pack_checkpoint(checkpoint, identity, two, epoch))
+    three = pack_trainer(cfgs)
+    before = [t.clone() for t in three.net.params]
+    with pytest.raises(CheckpointError, match="not a checkpoint of this pack/store/data \\(config_hashes differs\\)"):
+        load_pack_checkpoint(checkpoint, replace(identity, config_hashes=("a", "b", "c")), three)
+    with pytest.raises(CheckpointError, match="malformed, or not for this pack .*2 members, the pack has 3"):
+        load_pack_checkpoint(checkpoint, identity, three)
+    assert all(torch.equal(a, b) for a, b in zip(three.net.params, before, strict=True))
+    assert three.epochs_done == 0 and not any(m.history for m in three.members)
 
 
 def test_with_dropout_members_reach_the_accuracy_of_solo_runs(tiny_cfg: Callable[..., DictConfig]) -> None:
@@ -351,3 +420,36 @@ def test_a_packed_sweep_fails_resumes_and_feeds_optuna_like_a_basic_one(tiny_mni
 
     results = yaml.safe_load((tmp_path / "o" / "optimization_results.yaml").read_text())
     assert 0 < results["best_value"] <= 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_packs_training_and_resume_continues_the_pack(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """SIGINT once the pack has checkpointed an epoch: exit 130, no run half-logged; `resume=true`
+    continues the pack from that epoch (not from its first), every member then logged whole."""
+    epochs = 150  # a few milliseconds each: the pack is still training when the signal lands
+    sweep = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "seed=0,1",
+             *tiny_overrides(tiny_mnist_root, tmp_path), f"trainer.max_epochs={epochs}", "depth.widths=[16]",
+             "probe.enabled=false", "tracking.log_model=false"]  # fmt: skip
+    process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not any((tmp_path / "checkpoints").glob("pack-*.pt")):
+        assert process.poll() is None and time.monotonic() < deadline, "the pack wrote no checkpoint"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment = client.get_experiment_by_name("mlpsweep").experiment_id
+    assert client.search_runs([experiment], "tags.mlflow.parentRunId != ''") == []  # members log once trained
+
+    resumed = train_py([*sweep[2:], "resume=true"], tmp_path)
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-3000:]
+    continued = re.search(r"resume: the pack continues after epoch (\d+)", log)
+    assert continued and 0 < int(continued.group(1)) < epochs, log[-3000:]
+    assert f"pack epoch {int(continued.group(1)) + 1}/{epochs}:" in log and "pack epoch 1/" not in log
+    children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
+    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss/train")] == list(range(1, epochs + 1))
+    assert not any((tmp_path / "checkpoints").glob("pack-*"))  # trained: the pack's checkpoint is gone

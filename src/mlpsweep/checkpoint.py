@@ -141,7 +141,7 @@ def load_checkpoint(
     Raises CheckpointError, with everything left untouched, when the file does not load safely,
     is another identity's, or does not fit the model and optimizer.
     """
-    state = _read(path)
+    state = read_state(path, KEYS)
     stored = state["identity"] if isinstance(state["identity"], dict) else {}
     differing = [f.name for f in fields(identity) if stored.get(f.name) != getattr(identity, f.name)]
     if differing:
@@ -155,7 +155,7 @@ def load_checkpoint(
         _check_fits(state, model, optimizer, schedule)
         rng = _decode_rng_states(state["rng"], generator.device)
     except Exception as err:
-        raise CheckpointError(f"{path}: malformed, or not for this model and optimizer ({_reason(err)})") from err
+        raise CheckpointError(f"{path}: malformed, or not for this model and optimizer ({error_reason(err)})") from err
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if schedule is not None:
@@ -164,23 +164,23 @@ def load_checkpoint(
     return resumed
 
 
-def _read(path: Path) -> dict[str, Any]:
-    """The checkpoint's top-level dict, loaded without running anything the file names."""
+def read_state(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The checkpoint's top-level dict, with at least `keys`, loaded without running anything the file names."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: cannot be loaded safely ({_reason(err)})") from err
+        raise CheckpointError(f"{path}: cannot be loaded safely ({error_reason(err)})") from err
     except Exception as err:  # a zip, EOF or OS error: a truncated or otherwise corrupt file
-        raise CheckpointError(f"{path}: truncated or corrupt ({_reason(err)})") from err
+        raise CheckpointError(f"{path}: truncated or corrupt ({error_reason(err)})") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
-    missing = [key for key in KEYS if key not in state]
+    missing = [key for key in keys if key not in state]
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint (lacks {', '.join(missing)})")
     return state
 
 
-def _reason(err: Exception) -> str:
+def error_reason(err: Exception) -> str:
     """`Type: first sentence of the message` in one line; of torch's long weights-only message, the sentence
     naming what it refused."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]

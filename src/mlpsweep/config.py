@@ -369,7 +369,8 @@ def check_composition(overrides: list[str], multirun: bool) -> list[str]:
         # Hydra's first composition, the one it reads the run mode from (Hydra.get_mode)
         cfg = loader.load_configuration(CONFIG_NAME, overrides, RunMode.MULTIRUN, validate_sweep_overrides=False)
         mode = RunMode.MULTIRUN if multirun or cfg.hydra.mode == RunMode.MULTIRUN else RunMode.RUN
-        loader.validate_sweep_overrides_legal(OverridesParser.create().parse_overrides(overrides), mode, from_shell=True)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        loader.validate_sweep_overrides_legal(parsed, mode, from_shell=True)
     except (HydraException, OmegaConfBaseException) as err:
         return [_composition_problem(err, overrides)]
     return []
@@ -382,14 +383,15 @@ def _composition_problem(err: Exception, overrides: list[str]) -> str:
         return f"{err.override}: {' '.join(str(err).split())}"
     cause = err.__cause__
     full_key = getattr(cause, "full_key", None)
-    written = next((text for text in overrides if full_key and _override_key(text) in (full_key, *_parents(full_key))), None)
+    keys = (full_key, *_parents(full_key)) if full_key else ()
+    written = next((text for text in overrides if _override_key(text) in keys), None)
     if not isinstance(cause, OmegaConfBaseException) or written is None:
         return " ".join(str(err).split("Config search path")[0].split())  # no search path listing
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(cause.parent_node, DictConfig):
         parent, _, key = full_key.rpartition(".")
-        keys = [str(k) for k in cause.parent_node.keys()]
-        near = difflib.get_close_matches(str(key), keys, n=3)
-        listed = ", ".join(near + sorted(set(keys) - set(near)))
+        there = [str(k) for k in cause.parent_node]
+        near = difflib.get_close_matches(str(key), there, n=3)
+        listed = ", ".join(near + sorted(set(there) - set(near)))
         where = parent or "the config"
         return f"{written}: {where} has no key {key!r}; its keys: {listed} (to add a key, use +{written})"
     return f"{written}: {str(cause).splitlines()[0]}"

@@ -552,6 +552,7 @@ class PackedTrainer:
         for member in members:  # their schedules follow the pack's steps (torch warns of a schedule stepped first)
             member.optimizer._opt_called = True
         self.alive = torch.ones(len(members), dtype=torch.bool, device=device)
+        self.epochs_done = 0  # the epochs trained (restored() sets it from a checkpoint)
         self.per_step = any(m.schedule.per_step for m in members)
         if device.type == "cuda":
             self.kind, self._step = "packed_cuda_graph", self._graph_step()
@@ -622,11 +623,13 @@ class PackedTrainer:
 
         return step
 
-    def fit(self) -> None:
-        """Train every member up to max_epochs, validating after each epoch; a member that diverges
-        or that early stopping stops is frozen, the others go on."""
-        self._probe_all(epoch=0)
-        for epoch in range(1, self.max_epochs + 1):
+    def fit(self, after_epoch: Callable[[int], None] | None = None) -> None:
+        """Train every member up to max_epochs (from the epoch after a restored checkpoint's),
+        validating after each epoch, then `after_epoch(epoch)`; a member that diverges or that
+        early stopping stops is frozen, the others go on."""
+        if self.epochs_done == 0:
+            self._probe_all(epoch=0)
+        for epoch in range(self.epochs_done + 1, self.max_epochs + 1):
             if all(m.done for m in self.members):
                 break
             start = time.perf_counter()
@@ -642,6 +645,9 @@ class PackedTrainer:
                 member.schedule.after_epoch(asdict(metrics))
             self._load_hypers()
             self._after_epoch(epoch)
+            self.epochs_done = epoch
+            if after_epoch is not None:
+                after_epoch(epoch)
             if not training:  # every member left diverged during this epoch
                 continue
             best = max(training, key=lambda i: val_acc[i])
@@ -650,6 +656,13 @@ class PackedTrainer:
                 f"pack epoch {epoch}/{self.max_epochs}: {len(training)} runs, val acc "
                 f"{worst:.4f} to {val_acc[best]:.4f} ({self.members[best].name}), {seconds:.1f}s"
             )
+
+    def restored(self, epoch: int) -> None:
+        """Go on after `epoch`, the members' and the stacked state restored by a pack checkpoint
+        (mlpsweep.pack_checkpoint): stopped members frozen, the others at their current rates."""
+        self.alive.copy_(torch.tensor([not m.done for m in self.members], device=self.device))
+        self._load_hypers()
+        self.epochs_done = epoch
 
     def _train_epoch(self, epoch: int) -> tuple[list[float], list[float]]:
         """One pass over each member's own permutation of the training split; per-member mean loss and accuracy."""

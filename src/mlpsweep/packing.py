@@ -8,16 +8,20 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
 from omegaconf import DictConfig, open_dict
 
 from mlpsweep import tracking
-from mlpsweep.checkpoint import config_hash
+from mlpsweep.checkpoint import CheckpointError, config_hash
 from mlpsweep.checks import INPUT_ERRORS, check_job_inputs
+from mlpsweep.config import launch_dir
+from mlpsweep.data import dataset_digest
 from mlpsweep.engine import cpu_threads
 from mlpsweep.interrupt import SweepStop
+from mlpsweep.pack_checkpoint import PackIdentity, load_pack_checkpoint, pack_checkpoint_path, save_pack_checkpoint
 from mlpsweep.packed import Member, MemberResult, PackedTrainer, pack_key, unpackable
 
 log = logging.getLogger(__name__)
@@ -135,6 +139,31 @@ def fitting_pack_size(cfg: DictConfig, device: torch.device, in_features: int = 
     return max(1, int(MEMORY_SHARE * free) // member_bytes)
 
 
+def pack_identity(cfgs: Sequence[DictConfig]) -> PackIdentity:
+    """The identity of the pack of `cfgs` (in the pack's order) in this store, sweep and dataset."""
+    first = cfgs[0]
+    return PackIdentity(
+        tracking_uri=tracking.resolve_tracking_uri(first.tracking.uri),
+        experiment=first.tracking.experiment,
+        data_digest=dataset_digest(first.data.name, first.data.root),
+        sweep=tracking.parent_run_id() or "",
+        config_hashes=tuple(config_hash(cfg) for cfg in cfgs),
+    )
+
+
+def resume_pack(checkpoint: Path, identity: PackIdentity, trainer: PackedTrainer) -> None:
+    """Restore the pack's checkpoint into `trainer`, if there is one it can continue (else say why
+    in the log: the pack trains from its first epoch)."""
+    if not checkpoint.is_file():
+        return
+    try:
+        epoch = load_pack_checkpoint(checkpoint, identity, trainer)
+    except CheckpointError as err:
+        log.warning(f"resume: {err}; the pack starts from epoch 0")
+        return
+    log.info(f"resume: the pack continues after epoch {epoch} ({checkpoint})")
+
+
 def segment_order(cfg: DictConfig) -> str:
     """Members of one activation and norm sit together in a pack, those of one norm next to each other."""
     return repr(cfg.norm) + repr(cfg.activation)
@@ -158,6 +187,7 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_in_workers: bo
     cfgs = [task_config(c) for c in sweep_configs]
     order = sorted(range(len(cfgs)), key=lambda i: segment_order(cfgs[i]))
     first = cfgs[0]
+    checkpoint: Path | None = None
     try:
         device = check_job_inputs(first)
         if first.trainer.deterministic:
@@ -175,13 +205,20 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_in_workers: bo
         start = time.perf_counter()
         trainer = PackedTrainer(members, data, device)
         log.info(f"pack of {len(members)} runs on {device}, step {trainer.kind}: {', '.join(m.name for m in members)}")
-        trainer.fit()
+        identity = pack_identity([cfgs[i] for i in order])
+        checkpoint = pack_checkpoint_path(launch_dir() / first.trainer.checkpoint_dir, identity)
+        if first.resume:
+            resume_pack(checkpoint, identity, trainer)
+        trainer.fit(after_epoch=lambda epoch: save_pack_checkpoint(checkpoint, identity, trainer, epoch))
         results = trainer.results(train_seconds=time.perf_counter() - start)
     except (SweepStop, KeyboardInterrupt):
-        raise
+        raise  # the last epoch's checkpoint stays, for resume=true
     except Exception as err:
         log.exception(f"packed training failed ({type(err).__name__}); its {len(cfgs)} jobs run alone")
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # they start from scratch, as a failed job does
         return None
+    checkpoint.unlink(missing_ok=True)  # trained: each job logs its member's run from here
     in_job_order: list[MemberResult] = [None] * len(cfgs)  # type: ignore[list-item]
     for position, i in enumerate(order):
         in_job_order[i] = results[position]

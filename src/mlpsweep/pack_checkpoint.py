@@ -1,0 +1,166 @@
+"""Epoch checkpoints of a pack: what `resume=true` needs to continue a pack that was interrupted
+while it trained, instead of training it again from its first epoch.
+
+A pack's members have no MLflow runs until the pack has trained (each job then logs its member),
+so a pack's checkpoint holds, besides the stacked network, its optimizer's tensors and the RNGs,
+everything each member's run will log: its history, its probe snapshots, its error. It is plain
+data and tensors read with `weights_only=True`, tried on copies before anything is restored, as a
+job's own checkpoint is (mlpsweep.checkpoint); it belongs to one PackIdentity (store, experiment,
+dataset, sweep, and the config of every member, in the pack's order).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlpsweep.checkpoint import CheckpointError, error_reason, read_state
+from mlpsweep.engine import DivergenceError, EpochMetrics
+from mlpsweep.packed import Member, PackedTrainer
+from mlpsweep.probe import LayerSnapshot, Snapshot
+
+KEYS = ("identity", "epoch", "tensors", "rng", "members")
+
+
+@dataclass(frozen=True)
+class PackIdentity:
+    """What a pack checkpoint belongs to: the store and experiment, the dataset, the sweep, and the
+    config hash of each member in the pack's order (the same jobs packed otherwise are another pack)."""
+
+    tracking_uri: str
+    experiment: str
+    data_digest: str
+    sweep: str
+    config_hashes: tuple[str, ...]
+
+    def key(self) -> str:
+        """A short hex key: the sha256 of the fields."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pack_checkpoint_path(checkpoint_dir: Path, identity: PackIdentity) -> Path:
+    """Where `identity`'s checkpoint lives in `checkpoint_dir` (a job's own are `<key>.pt`)."""
+    return checkpoint_dir / f"pack-{identity.key()}.pt"
+
+
+def _trainer_tensors(trainer: PackedTrainer) -> list[torch.Tensor]:
+    """The stacked state a step changes: weights, batch-norm statistics, the optimizer's tensors."""
+    return [*trainer.net.params, *trainer.net.buffers, *trainer.optimizer.tensors]
+
+
+def save_pack_checkpoint(path: Path, identity: PackIdentity, trainer: PackedTrainer, epoch: int) -> None:
+    """Write the pack's state after `epoch`, atomically (a kill never leaves half a file)."""
+    state = {
+        "identity": {**asdict(identity), "config_hashes": list(identity.config_hashes)},
+        "epoch": epoch,
+        "tensors": [t.detach().cpu() for t in _trainer_tensors(trainer)],
+        "rng": {  # dropout's masks come from the global generators
+            "torch_cpu": torch.get_rng_state(),
+            "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        },
+        "members": [_member_state(member) for member in trainer.members],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def _member_state(member: Member) -> dict[str, Any]:
+    return {
+        "generator": member.generator.get_state(),
+        "optimizer": member.optimizer.state_dict(),  # its learning rate, as its schedule left it
+        "scheduler": member.schedule.state_dict(),
+        "history": [asdict(m) for m in member.history],
+        "snapshots": [asdict(s) for s in member.snapshots],
+        "probe_seconds": member.probe_seconds,
+        "done": member.done,
+        "error": str(member.error) if member.error is not None else None,
+        # a stopped member's weights are its own model's (a diverged one's from before it diverged)
+        "model": member.model.state_dict() if member.done else None,
+        "best": member.best.state,
+    }
+
+
+def load_pack_checkpoint(path: Path, identity: PackIdentity, trainer: PackedTrainer) -> int:
+    """Restore `identity`'s checkpoint at `path` into `trainer` (a pack built afresh, before it
+    trains) and the global RNGs; return the last epoch it holds.
+
+    Raises CheckpointError, with everything left untouched, when the file does not load safely, is
+    another pack's, or does not fit the pack."""
+    state = read_state(path, KEYS)
+    stored = state["identity"] if isinstance(state["identity"], dict) else {}
+    stored = {**stored, "config_hashes": tuple(stored.get("config_hashes") or ())}
+    differing = [f.name for f in fields(identity) if stored.get(f.name) != getattr(identity, f.name)]
+    if differing:
+        verb = "differs" if len(differing) == 1 else "differ"
+        raise CheckpointError(f"{path}: not a checkpoint of this pack/store/data ({', '.join(differing)} {verb})")
+    try:  # on copies: whatever a malformed (but safely loaded) file makes them raise
+        epoch, members = _checked(state, trainer)
+    except Exception as err:
+        raise CheckpointError(f"{path}: malformed, or not for this pack ({error_reason(err)})") from err
+    with torch.no_grad():
+        for tensor, saved in zip(_trainer_tensors(trainer), state["tensors"], strict=True):
+            tensor.copy_(saved)
+    for i, (member, saved) in enumerate(zip(trainer.members, members, strict=True)):
+        member.generator.set_state(saved["generator"])
+        member.optimizer.load_state_dict(saved["optimizer"])
+        member.schedule.load_state_dict(saved["scheduler"])
+        member.history, member.snapshots = saved["history"], saved["snapshots"]
+        member.probe_seconds = float(saved["probe_seconds"])
+        member.done = bool(saved["done"])
+        member.error = DivergenceError(saved["error"]) if saved["error"] is not None else None
+        member.best.state = saved["best"]
+        if member.done:
+            member.model.load_state_dict(saved["model"])
+        else:
+            trainer.net.copy_to(i, member.model)
+    torch.set_rng_state(state["rng"]["torch_cpu"])
+    for index, cuda_state in list(enumerate(state["rng"]["torch_cuda"] or []))[: torch.cuda.device_count()]:
+        torch.cuda.set_rng_state(cuda_state, index)
+    trainer.restored(epoch)
+    return epoch
+
+
+def _checked(state: dict[str, Any], trainer: PackedTrainer) -> tuple[int, list[dict[str, Any]]]:
+    """The checkpoint's last epoch and its members' states in their restored types, each tried on
+    a copy of what it restores (a ValueError or TypeError where one does not fit)."""
+    epoch = state["epoch"]
+    if not isinstance(epoch, int) or not 0 < epoch <= trainer.max_epochs:
+        raise ValueError(f"epoch {epoch!r} is not one of 1..{trainer.max_epochs}")
+    if len(state["members"]) != len(trainer.members):
+        raise ValueError(f"{len(state['members'])} members, the pack has {len(trainer.members)}")
+    current = _trainer_tensors(trainer)
+    if len(state["tensors"]) != len(current):
+        raise ValueError(f"{len(state['tensors'])} stacked tensors, the pack has {len(current)}")
+    for saved, tensor in zip(state["tensors"], current, strict=True):
+        if not isinstance(saved, torch.Tensor) or saved.shape != tensor.shape or saved.dtype != tensor.dtype:
+            raise ValueError(f"a stacked tensor is not {tensor.dtype} {list(tensor.shape)}")
+    torch.Generator().set_state(state["rng"]["torch_cpu"])
+    members = []
+    for member, saved in zip(trainer.members, state["members"], strict=True):
+        torch.Generator(device=member.generator.device).set_state(saved["generator"])
+        model, optimizer, schedule = copy.deepcopy((member.model, member.optimizer, member.schedule))
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["scheduler"])
+        for weights in (saved["model"], saved["best"]):
+            if weights is not None:
+                model.load_state_dict(weights)
+        if saved["done"] and saved["model"] is None:
+            raise ValueError("a stopped member without its weights")
+        snapshots = [
+            Snapshot(s["epoch"], {name: LayerSnapshot(**layer) for name, layer in s["layers"].items()})
+            for s in saved["snapshots"]
+        ]
+        history = [EpochMetrics(**m) for m in saved["history"]]
+        if not saved["done"] and len(history) != epoch:
+            raise ValueError(f"a training member has {len(history)} epochs, not {epoch}")
+        members.append({**saved, "history": history, "snapshots": snapshots})
+    return epoch, members
