@@ -212,12 +212,16 @@ class Stop(Exception):
     """Stands for an interrupt after an epoch's checkpoint."""
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+)  # fmt: skip
 def test_an_interrupted_pack_continues_from_its_checkpoint_as_if_never_stopped(
-    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, device: str
 ) -> None:
     """Dropout's masks, a per-step schedule, batch norm, a member that diverged before the
-    interrupt and one early stopping stops after it: all bit for bit on a CPU."""
-    common = (*STEPS, "trainer.max_epochs=6")
+    interrupt and one early stopping stops after it: all bit for bit (on a GPU too: the restored
+    tensors are the ones its CUDA graph was captured on)."""
+    common = (*STEPS, "trainer.max_epochs=6", f"trainer.device={device}")
     cfgs = [
         tiny_cfg(*common, "seed=0", "dropout.p=0.3", "scheduler=onecycle"),
         tiny_cfg(*common, "seed=1", "optimizer.lr=1e30"),
@@ -226,9 +230,9 @@ def test_an_interrupted_pack_continues_from_its_checkpoint_as_if_never_stopped(
     ]
     identity = PackIdentity("sqlite:///store.db", "mlpsweep", "digest", "sweep", ("a", "b", "c"))
     checkpoint = tmp_path / "pack.pt"
-    whole = pack(cfgs)
+    whole = pack(cfgs, torch.device(device))
 
-    interrupted = pack_trainer(cfgs)
+    interrupted = pack_trainer(cfgs, torch.device(device))
 
     def save_then_stop(epoch: int) -> None:
         save_pack_checkpoint(checkpoint, identity, interrupted, epoch)
@@ -237,7 +241,7 @@ def test_an_interrupted_pack_continues_from_its_checkpoint_as_if_never_stopped(
 
     with pytest.raises(Stop):
         interrupted.fit(after_epoch=save_then_stop)
-    resumed = pack_trainer(cfgs)
+    resumed = pack_trainer(cfgs, torch.device(device))
     assert load_pack_checkpoint(checkpoint, identity, resumed) == 2
     resumed.fit()
     for before, after in zip(whole, resumed.results(train_seconds=1.0), strict=True):
