@@ -25,7 +25,7 @@ from conftest import REPO_ROOT, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from mlpsweep.checkpoint import CheckpointError
+from mlpsweep.checkpoint import CheckpointError, config_hash
 from mlpsweep.cli import fresh_state, new_probe
 from mlpsweep.data import load_splits
 from mlpsweep.engine import DivergenceError, EpochMetrics, fit
@@ -33,7 +33,7 @@ from mlpsweep.pack_checkpoint import PackIdentity, load_pack_checkpoint, save_pa
 from mlpsweep.packed import Member, MemberResult, PackedTrainer
 from mlpsweep.packing import plan_packs
 from mlpsweep.stats import welch_difference
-from mlpsweep.tracking import run_name
+from mlpsweep.tracking import CONFIG_HASH_TAG, prepare_store, run_name
 
 STEPS = ["data.limit_train=64", "trainer.max_epochs=25", "depth.widths=[48,24]"]  # 2 steps an epoch: 50 steps
 CPU = torch.device("cpu")
@@ -269,6 +269,22 @@ def test_a_pack_checkpoint_of_another_pack_is_refused_and_changes_nothing(
     assert all(torch.equal(a, b) for a, b in zip(three.net.params, before, strict=True))
     assert three.epochs_done == 0 and not any(m.history for m in three.members)
 
+    tampered = {"members.1.probe_seconds": "abc", "rng.torch_cuda": 5, "members.0.history.0.val_acc": "0.9"}
+    for where, value in tampered.items():
+        state = torch.load(checkpoint, weights_only=True)
+        *path, last = [int(key) if key.isdigit() else key for key in where.split(".")]
+        node = state
+        for key in path:
+            node = node[key]
+        node[last] = value
+        torch.save(state, tmp_path / "tampered.pt")
+        fresh = pack_trainer(cfgs[:2])
+        before = [t.clone() for t in fresh.net.params]
+        with pytest.raises(CheckpointError, match="malformed, or not for this pack"):
+            load_pack_checkpoint(tmp_path / "tampered.pt", identity, fresh)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.net.params, before, strict=True)), where
+        assert fresh.epochs_done == 0 and not any(m.history for m in fresh.members), where
+
 
 def test_with_dropout_members_reach_the_accuracy_of_solo_runs(tiny_cfg: Callable[..., DictConfig]) -> None:
     """Dropout masks come from another random stream in a pack, so compare distributions over seeds:
@@ -301,6 +317,21 @@ def test_plan_packs_groups_by_shape_and_says_why_a_job_runs_alone(tiny_cfg: Call
     assert "no other job" in reasons[6] and "no other job" in reasons[7]
     assert "running statistics" in reasons[8]
     assert "9 jobs: 5 in 2 packs (3, 2), 4 alone" in plan.summary()
+
+
+def test_a_resumed_sweep_cuts_the_packs_it_cut_before(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """Jobs that finished (or failed, and run again) leave their packs without shifting the others:
+    the interrupted pack [2, 3] is cut again, and finds its checkpoint."""
+    sweep = [tiny_cfg(f"seed={s}", "resume=true") for s in range(6)]
+    client, experiment = prepare_store(sweep[0].tracking.uri, sweep[0].tracking.experiment)
+    for cfg, status in ((sweep[0], "FINISHED"), (sweep[1], "FAILED")):
+        run = client.create_run(experiment, tags={CONFIG_HASH_TAG: config_hash(cfg)})
+        client.set_terminated(run.info.run_id, status)
+    plan = plan_packs([DictConfig({**cfg, "hydra": {}}) for cfg in sweep], pack_size=2)
+    assert [unit.jobs for unit in plan.units if unit.packed] == [[2, 3], [4, 5]]
+    reasons = {unit.jobs[0]: unit.reason for unit in plan.units if not unit.packed}
+    assert reasons == {0: "it already finished (resume=true skips it)",
+                       1: "the other jobs of its pack finished or continue their own runs (resume=true)"}  # fmt: skip
 
 
 def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Path, tmp_path: Path) -> None:

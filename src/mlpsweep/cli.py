@@ -427,8 +427,9 @@ def input_problems(argv: list[str]) -> list[str]:
     except SystemExit:
         return []
     overrides = list(args.overrides)
+    if args.config_path or args.config_name or args.config_dir or args.experimental_rerun:
+        return []  # another config (or more groups and options than conf/ has): Hydra's to check
     if problems := check_group_overrides(overrides):
         return problems
     shows = args.help or args.hydra_help or args.cfg or args.info is not None or args.shell_completion
-    other_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
-    return [] if shows or other_config else check_composition(overrides, args.multirun)
+    return [] if shows else check_composition(overrides, args.multirun)

@@ -383,17 +383,17 @@ def _composition_problem(err: Exception, overrides: list[str]) -> str:
         return f"{err.override}: {' '.join(str(err).split())}"
     cause = err.__cause__
     full_key = getattr(cause, "full_key", None)
-    keys = (full_key, *_parents(full_key)) if full_key else ()
-    written = next((text for text in overrides if _override_key(text) in keys), None)
+    keys = (full_key, *_parents(full_key)) if full_key else ()  # the key itself, then its parents, nearest first
+    written = next((text for key in keys for text in overrides if _override_key(text) == key), None)
     if not isinstance(cause, OmegaConfBaseException) or written is None:
         return " ".join(str(err).split("Config search path")[0].split())  # no search path listing
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(cause.parent_node, DictConfig):
         parent, _, key = full_key.rpartition(".")
         there = [str(k) for k in cause.parent_node]
         near = difflib.get_close_matches(str(key), there, n=3)
-        listed = ", ".join(near + sorted(set(there) - set(near)))
-        where = parent or "the config"
-        return f"{written}: {where} has no key {key!r}; its keys: {listed} (to add a key, use +{written})"
+        listed = ", ".join(near + sorted(set(there) - set(near))) or "none"
+        add = f" (to add a key, use +{written})" if _override_key(written) == full_key else ""
+        return f"{written}: {parent or 'the config'} has no key {key!r}; its keys: {listed}{add}"
     return f"{written}: {str(cause).splitlines()[0]}"
 
 

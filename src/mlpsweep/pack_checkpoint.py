@@ -103,35 +103,48 @@ def load_pack_checkpoint(path: Path, identity: PackIdentity, trainer: PackedTrai
         verb = "differs" if len(differing) == 1 else "differ"
         raise CheckpointError(f"{path}: not a checkpoint of this pack/store/data ({', '.join(differing)} {verb})")
     try:  # on copies: whatever a malformed (but safely loaded) file makes them raise
-        epoch, members = _checked(state, trainer)
+        epoch, members, rng = _checked(state, trainer)
     except Exception as err:
         raise CheckpointError(f"{path}: malformed, or not for this pack ({error_reason(err)})") from err
     with torch.no_grad():
         for tensor, saved in zip(_trainer_tensors(trainer), state["tensors"], strict=True):
             tensor.copy_(saved)
     for i, (member, saved) in enumerate(zip(trainer.members, members, strict=True)):
-        member.generator.set_state(saved["generator"])
-        member.optimizer.load_state_dict(saved["optimizer"])
-        member.schedule.load_state_dict(saved["scheduler"])
-        member.history, member.snapshots = saved["history"], saved["snapshots"]
-        member.probe_seconds = float(saved["probe_seconds"])
-        member.done = bool(saved["done"])
-        member.error = DivergenceError(saved["error"]) if saved["error"] is not None else None
-        member.best.state = saved["best"]
-        if member.done:
-            member.model.load_state_dict(saved["model"])
+        member.generator.set_state(saved.generator)
+        member.optimizer.load_state_dict(saved.optimizer)
+        member.schedule.load_state_dict(saved.scheduler)
+        member.history, member.snapshots, member.probe_seconds = saved.history, saved.snapshots, saved.probe_seconds
+        member.done, member.error, member.best.state = saved.done, saved.error, saved.best
+        if saved.model is not None:
+            member.model.load_state_dict(saved.model)
         else:
             trainer.net.copy_to(i, member.model)
-    torch.set_rng_state(state["rng"]["torch_cpu"])
-    for index, cuda_state in list(enumerate(state["rng"]["torch_cuda"] or []))[: torch.cuda.device_count()]:
+    torch.set_rng_state(rng["torch_cpu"])
+    for index, cuda_state in _present_cuda_states(rng["torch_cuda"]):
         torch.cuda.set_rng_state(cuda_state, index)
     trainer.restored(epoch)
     return epoch
 
 
-def _checked(state: dict[str, Any], trainer: PackedTrainer) -> tuple[int, list[dict[str, Any]]]:
-    """The checkpoint's last epoch and its members' states in their restored types, each tried on
-    a copy of what it restores (a ValueError or TypeError where one does not fit)."""
+@dataclass
+class _MemberState:
+    """A member's state from a checkpoint, in the types it is restored as."""
+
+    generator: torch.Tensor
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    history: list[EpochMetrics]
+    snapshots: list[Snapshot]
+    probe_seconds: float
+    done: bool
+    error: DivergenceError | None
+    model: dict[str, torch.Tensor] | None
+    best: dict[str, torch.Tensor] | None
+
+
+def _checked(state: dict[str, Any], trainer: PackedTrainer) -> tuple[int, list[_MemberState], dict[str, Any]]:
+    """The checkpoint's last epoch, its members' states and its RNG states, each tried on a copy
+    of what it restores (an exception where one does not fit)."""
     epoch = state["epoch"]
     if not isinstance(epoch, int) or not 0 < epoch <= trainer.max_epochs:
         raise ValueError(f"epoch {epoch!r} is not one of 1..{trainer.max_epochs}")
@@ -143,24 +156,61 @@ def _checked(state: dict[str, Any], trainer: PackedTrainer) -> tuple[int, list[d
     for saved, tensor in zip(state["tensors"], current, strict=True):
         if not isinstance(saved, torch.Tensor) or saved.shape != tensor.shape or saved.dtype != tensor.dtype:
             raise ValueError(f"a stacked tensor is not {tensor.dtype} {list(tensor.shape)}")
-    torch.Generator().set_state(state["rng"]["torch_cpu"])
-    members = []
-    for member, saved in zip(trainer.members, state["members"], strict=True):
-        torch.Generator(device=member.generator.device).set_state(saved["generator"])
-        model, optimizer, schedule = copy.deepcopy((member.model, member.optimizer, member.schedule))
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["scheduler"])
-        for weights in (saved["model"], saved["best"]):
-            if weights is not None:
-                model.load_state_dict(weights)
-        if saved["done"] and saved["model"] is None:
-            raise ValueError("a stopped member without its weights")
-        snapshots = [
-            Snapshot(s["epoch"], {name: LayerSnapshot(**layer) for name, layer in s["layers"].items()})
-            for s in saved["snapshots"]
-        ]
-        history = [EpochMetrics(**m) for m in saved["history"]]
-        if not saved["done"] and len(history) != epoch:
-            raise ValueError(f"a training member has {len(history)} epochs, not {epoch}")
-        members.append({**saved, "history": history, "snapshots": snapshots})
-    return epoch, members
+    rng = {"torch_cpu": state["rng"]["torch_cpu"], "torch_cuda": state["rng"]["torch_cuda"]}
+    torch.Generator().set_state(rng["torch_cpu"])
+    if rng["torch_cuda"] is not None and not isinstance(rng["torch_cuda"], list):
+        raise TypeError(f"torch_cuda is {type(rng['torch_cuda']).__name__}, not a list")
+    for index, cuda_state in _present_cuda_states(rng["torch_cuda"]):
+        torch.Generator(device=f"cuda:{index}").set_state(cuda_state)
+    members = [_member_checked(m, saved, epoch) for m, saved in zip(trainer.members, state["members"], strict=True)]
+    return epoch, members, rng
+
+
+def _member_checked(member: Member, saved: dict[str, Any], epoch: int) -> _MemberState:
+    """A member's saved state in its restored types, tried on copies of the member's own objects."""
+    torch.Generator(device=member.generator.device).set_state(saved["generator"])
+    model, optimizer, schedule = copy.deepcopy((member.model, member.optimizer, member.schedule))
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["scheduler"])
+    for weights in (saved["model"], saved["best"]):
+        if weights is not None:
+            model.load_state_dict(weights)
+    done, error, probe_seconds = saved["done"], saved["error"], saved["probe_seconds"]
+    if not isinstance(done, bool) or (error is not None and not isinstance(error, str)):
+        raise TypeError("done is not a bool, or error neither None nor a message")
+    if done != (saved["model"] is not None):
+        raise ValueError("a stopped member without its weights, or a training one with")
+    if not _is_number(probe_seconds):
+        raise TypeError(f"probe_seconds is {type(probe_seconds).__name__}, not a number")
+    history = [EpochMetrics(**m) for m in saved["history"]]
+    if not all(_is_number(v) or (k == "lr" and v is None) for m in saved["history"] for k, v in m.items()):
+        raise TypeError("an epoch's metric is not a number")
+    if not done and len(history) != epoch:
+        raise ValueError(f"a training member has {len(history)} epochs, not {epoch}")
+    snapshots = [
+        Snapshot(s["epoch"], {name: LayerSnapshot(**layer) for name, layer in s["layers"].items()})
+        for s in saved["snapshots"]
+    ]
+    if not all(_is_number(v) for s in snapshots for layer in s.layers.values() for v in layer.stats.values()):
+        raise TypeError("a probe statistic is not a number")
+    return _MemberState(
+        generator=saved["generator"],
+        optimizer=saved["optimizer"],
+        scheduler=saved["scheduler"],
+        history=history,
+        snapshots=snapshots,
+        probe_seconds=float(probe_seconds),
+        done=done,
+        error=DivergenceError(error) if error is not None else None,
+        model=saved["model"],
+        best=saved["best"],
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _present_cuda_states(states: list[torch.Tensor] | None) -> list[tuple[int, torch.Tensor]]:
+    """(device index, state) for the saved CUDA RNG states whose device is present here."""
+    return list(enumerate(states or []))[: torch.cuda.device_count()]

@@ -82,46 +82,56 @@ def task_config(sweep_config: DictConfig) -> DictConfig:
 def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> PackPlan:
     """Group the jobs that can share a stacked network (same `pack_key` and device) into packs of at
     most `pack_size` (None: as many as fit, `fitting_pack_size`), in the order of their first job;
-    every other job is a unit of its own with the reason it runs alone."""
+    every other job is a unit of its own with the reason it runs alone.
+
+    Under resume=true the packs are cut from every job of a group, then the jobs that finished or
+    continue their own run are taken out of them: a resumed sweep cuts the packs it cut before, so
+    an interrupted pack finds its checkpoint (which names its members)."""
     groups: dict[str, list[int]] = {}
     devices: dict[str, torch.device] = {}
-    alone: list[Unit] = []
+    units: list[Unit] = []
+    resumed: dict[int, str] = {}  # the jobs resume=true takes out of their packs, and why
     for i, sweep_config in enumerate(sweep_configs):
         cfg = task_config(sweep_config)
         try:
             device = check_job_inputs(cfg)
         except INPUT_ERRORS:
-            alone.append(Unit([i], reason="its config is invalid (its job says why)"))
+            units.append(Unit([i], reason="its config is invalid (its job says why)"))
             continue
-        reason = unpackable(cfg)
-        if reason is None and cfg.resume:
+        if (reason := unpackable(cfg)) is not None:
+            units.append(Unit([i], reason=reason))
+            continue
+        if cfg.resume:
             cfg_hash = config_hash(cfg)
             if tracking.finished_run(cfg, cfg_hash):
-                reason = "it already finished (resume=true skips it)"
+                resumed[i] = "it already finished (resume=true skips it)"
             elif tracking.has_unfinished_run(cfg, cfg_hash):
-                reason = "its unfinished run continues from its checkpoint (resume=true)"
-        if reason is not None:
-            alone.append(Unit([i], reason=reason))
-            continue
+                resumed[i] = "its unfinished run continues from its checkpoint (resume=true)"
         key = pack_key(cfg) + str(device)
         groups.setdefault(key, []).append(i)
         devices[key] = device
-    units = list(alone)
     for key, jobs in groups.items():
-        size = pack_size or fitting_pack_size(task_config(sweep_configs[jobs[0]]), devices[key])
-        for start in range(0, len(jobs), max(1, size)):
-            chunk = jobs[start : start + max(1, size)]
-            if len(chunk) == 1:
-                if len(jobs) == 1:
-                    alone = "no other job of the sweep shares its shapes and step"
-                elif size == 1:
-                    alone = "hydra.launcher.pack_size=1"
-                else:
-                    alone = f"the job left over from its group's packs of {size}"
-                units.append(Unit(chunk, reason=alone))
-            else:
+        size = max(1, pack_size or fitting_pack_size(task_config(sweep_configs[jobs[0]]), devices[key]))
+        for start in range(0, len(jobs), size):
+            cut = jobs[start : start + size]
+            units += [Unit([i], reason=resumed[i]) for i in cut if i in resumed]
+            chunk = [i for i in cut if i not in resumed]
+            if len(chunk) > 1:
                 units.append(Unit(chunk))
+            elif chunk:
+                units.append(Unit(chunk, reason=_why_alone(len(jobs), size, len(cut))))
     return PackPlan(sorted(units, key=lambda unit: unit.jobs[0]))
+
+
+def _why_alone(group: int, size: int, cut: int) -> str:
+    """Why the one job left of a pack of `cut` jobs, cut from a group of `group` in packs of `size`, runs alone."""
+    if group == 1:
+        return "no other job of the sweep shares its shapes and step"
+    if size == 1:
+        return "hydra.launcher.pack_size=1"
+    if cut > 1:
+        return "the other jobs of its pack finished or continue their own runs (resume=true)"
+    return f"the job left over from its group's packs of {size}"
 
 
 def fitting_pack_size(cfg: DictConfig, device: torch.device, in_features: int = 784, classes: int = 10) -> int:
