@@ -488,3 +488,34 @@ def test_ctrl_c_during_a_packs_training_and_resume_continues_the_pack(tiny_mnist
     for child in children:
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss/train")] == list(range(1, epochs + 1))
     assert not any((tmp_path / "checkpoints").glob("pack-*"))  # trained: the pack's checkpoint is gone
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_pack_is_logged_and_resume_logs_the_rest_from_its_checkpoint(
+    tiny_mnist_root: Path, tmp_path: Path
+) -> None:
+    """SIGINT once the pack has trained and its jobs log their runs: the pack's checkpoint stays,
+    and `resume=true` logs the jobs left from it, without training again."""
+    sweep = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "seed=0,1,2,3",
+             *tiny_overrides(tiny_mnist_root, tmp_path), "depth.widths=[16]"]  # fmt: skip
+    process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:  # until the second job starts to log its run
+        if "\t#1 : " in line:
+            os.kill(process.pid, signal.SIGINT)
+            break
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    assert len(list((tmp_path / "checkpoints").glob("pack-*.pt"))) == 1
+
+    resumed = train_py([*sweep[2:], "resume=true"], tmp_path)
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-3000:]
+    assert "from the checkpoint of their pack of 4" in log and "resume: the pack continues after epoch 2" in log
+    assert "pack epoch" not in log  # nothing trained again
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment = client.get_experiment_by_name("mlpsweep").experiment_id
+    finished = client.search_runs([experiment], "tags.mlflow.parentRunId != '' and attributes.status = 'FINISHED'")
+    assert sorted(r.data.params["seed"] for r in finished) == ["0", "1", "2", "3"]
+    assert {r.info.status for r in client.search_runs([experiment])} <= {"FINISHED", "FAILED"}  # none left RUNNING
+    assert not any((tmp_path / "checkpoints").glob("pack-*"))

@@ -7,7 +7,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -36,6 +36,13 @@ class Unit:
 
     jobs: list[int]
     reason: str | None = None  # why a job runs alone
+    # a packed unit's whole pack: its jobs, and under resume=true the jobs of its pack that were
+    # logged before an interrupt, whose checkpoint (of the whole pack) gives the others their results
+    pack: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.packed and not self.pack:
+            self.pack = list(self.jobs)
 
     @property
     def packed(self) -> bool:
@@ -54,6 +61,12 @@ class PackPlan:
         sizes = ", ".join(str(len(p.jobs)) for p in packs) or "none"
         lines = [f"Launching {jobs} jobs: {packed} in {len(packs)} packs ({sizes}), {jobs - packed} alone"]
         lines += [f"\tjob #{unit.jobs[0]} runs alone: {unit.reason}" for unit in self.units if not unit.packed]
+        lines += [
+            f"\tjobs {', '.join(f'#{i}' for i in unit.jobs)}: from the checkpoint of their pack of {len(unit.pack)} "
+            "(resume=true; the others were logged)"
+            for unit in packs
+            if len(unit.pack) > len(unit.jobs)
+        ]
         return "\n".join(lines)
 
 
@@ -86,11 +99,14 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> Pa
 
     Under resume=true the packs are cut from every job of a group, then the jobs that finished or
     continue their own run are taken out of them: a resumed sweep cuts the packs it cut before, so
-    an interrupted pack finds its checkpoint (which names its members)."""
+    an interrupted pack finds its checkpoint (which names its members). A pack that had trained
+    when the interrupt came, some of its jobs logged, keeps its checkpoint: the jobs left take
+    their results from it, as a unit of the whole pack."""
     groups: dict[str, list[int]] = {}
     devices: dict[str, torch.device] = {}
     units: list[Unit] = []
     resumed: dict[int, str] = {}  # the jobs resume=true takes out of their packs, and why
+    finished: set[int] = set()
     for i, sweep_config in enumerate(sweep_configs):
         cfg = task_config(sweep_config)
         try:
@@ -105,6 +121,7 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> Pa
             cfg_hash = config_hash(cfg)
             if tracking.finished_run(cfg, cfg_hash):
                 resumed[i] = "it already finished (resume=true skips it)"
+                finished.add(i)
             elif tracking.has_unfinished_run(cfg, cfg_hash):
                 resumed[i] = "its unfinished run continues from its checkpoint (resume=true)"
         key = pack_key(cfg) + str(device)
@@ -114,9 +131,17 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> Pa
         size = max(1, pack_size or fitting_pack_size(task_config(sweep_configs[jobs[0]]), devices[key]))
         for start in range(0, len(jobs), size):
             cut = jobs[start : start + size]
-            units += [Unit([i], reason=resumed[i]) for i in cut if i in resumed]
-            chunk = [i for i in cut if i not in resumed]
-            if len(chunk) > 1:
+            taken = [i for i in cut if i in resumed]
+            trained = bool(taken) and has_checkpoint([sweep_configs[i] for i in cut])
+            if trained:  # the pack had trained when the interrupt came: its checkpoint holds what the rest log
+                taken = [i for i in taken if i in finished]
+            units += [Unit([i], reason=resumed[i]) for i in taken]
+            chunk = [i for i in cut if i not in taken]
+            if trained and chunk:
+                units.append(Unit(chunk, pack=cut))
+            elif trained:
+                forget_pack([sweep_configs[i] for i in cut])  # every job of the pack had logged its run
+            elif len(chunk) > 1:
                 units.append(Unit(chunk))
             elif chunk:
                 units.append(Unit(chunk, reason=_why_alone(len(jobs), size, len(cut))))
@@ -161,6 +186,29 @@ def pack_identity(cfgs: Sequence[DictConfig]) -> PackIdentity:
     )
 
 
+def in_pack_order(sweep_configs: Sequence[DictConfig]) -> list[int]:
+    """The positions of `sweep_configs` in their pack: members of one activation and norm together,
+    those of one norm next to each other (the pack's contiguous slices)."""
+    return sorted(range(len(sweep_configs)), key=lambda i: segment_order(task_config(sweep_configs[i])))
+
+
+def checkpoint_of(sweep_configs: Sequence[DictConfig]) -> tuple[Path, PackIdentity]:
+    """The checkpoint file of the pack of these jobs, and its identity."""
+    cfgs = [task_config(sweep_configs[i]) for i in in_pack_order(sweep_configs)]
+    identity = pack_identity(cfgs)
+    return pack_checkpoint_path(launch_dir() / cfgs[0].trainer.checkpoint_dir, identity), identity
+
+
+def has_checkpoint(sweep_configs: Sequence[DictConfig]) -> bool:
+    """Whether the pack of these jobs left a checkpoint (its sweep was interrupted)."""
+    return checkpoint_of(sweep_configs)[0].is_file()
+
+
+def forget_pack(sweep_configs: Sequence[DictConfig]) -> None:
+    """Remove the pack's checkpoint: every job of the pack has logged its run (or failed)."""
+    checkpoint_of(sweep_configs)[0].unlink(missing_ok=True)
+
+
 def resume_pack(checkpoint: Path, identity: PackIdentity, trainer: PackedTrainer) -> None:
     """Restore the pack's checkpoint into `trainer`, if there is one it can continue (else say why
     in the log: the pack trains from its first epoch)."""
@@ -179,12 +227,13 @@ def segment_order(cfg: DictConfig) -> str:
     return repr(cfg.norm) + repr(cfg.activation)
 
 
-def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_in_workers: bool) -> list[MemberResult] | None:
+def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[bool]) -> list[MemberResult] | None:
     """Train the jobs `sweep_configs` as one pack on their device (resolved here: a submitit task
-    runs on another machine); their results in the same order, with every member's figures asked
-    of worker processes where `figures_ahead_in_workers` (they draw them while the jobs log their
-    members one by one). None if the packed training itself failed (the error is logged and the
-    jobs run alone)."""
+    runs on another machine), from the pack's checkpoint under resume=true; their results in the
+    same order, the figures of those `figures_ahead_for` marks asked of worker processes (they
+    draw them while the jobs log their members one by one). The checkpoint stays until the
+    launcher has logged every job (`forget_pack`). None if the packed training itself failed (the
+    error is logged and the jobs run alone)."""
     from mlpsweep.cli import (  # the job's own builders
         figure_epochs,
         figures_ahead,
@@ -195,7 +244,7 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_in_workers: bo
     from mlpsweep.data import load_splits
 
     cfgs = [task_config(c) for c in sweep_configs]
-    order = sorted(range(len(cfgs)), key=lambda i: segment_order(cfgs[i]))
+    order = in_pack_order(sweep_configs)
     first = cfgs[0]
     checkpoint: Path | None = None
     try:
@@ -215,8 +264,7 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_in_workers: bo
         start = time.perf_counter()
         trainer = PackedTrainer(members, data, device)
         log.info(f"pack of {len(members)} runs on {device}, step {trainer.kind}: {', '.join(m.name for m in members)}")
-        identity = pack_identity([cfgs[i] for i in order])
-        checkpoint = pack_checkpoint_path(launch_dir() / first.trainer.checkpoint_dir, identity)
+        checkpoint, identity = checkpoint_of(sweep_configs)
         if first.resume:
             resume_pack(checkpoint, identity, trainer)
         trainer.fit(after_epoch=lambda epoch: save_pack_checkpoint(checkpoint, identity, trainer, epoch))
@@ -228,11 +276,10 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_in_workers: bo
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)  # they start from scratch, as a failed job does
         return None
-    checkpoint.unlink(missing_ok=True)  # trained: each job logs its member's run from here
     in_job_order: list[MemberResult] = [None] * len(cfgs)  # type: ignore[list-item]
     for position, i in enumerate(order):
         in_job_order[i] = results[position]
-    if figures_ahead_in_workers:
-        for cfg, result in zip(cfgs, in_job_order, strict=True):
+    for cfg, result, ahead in zip(cfgs, in_job_order, figures_ahead_for, strict=True):
+        if ahead:
             result.figures = figures_ahead(cfg, result)
     return in_job_order

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from mlpsweep import interrupt
 from mlpsweep.config import require
 from mlpsweep.packed import MemberResult, member_result
-from mlpsweep.packing import Unit, composed, plan_packs, train_pack
+from mlpsweep.packing import Unit, composed, forget_pack, plan_packs, train_pack
 
 log = logging.getLogger(__name__)
 BACKENDS = ("local", "submitit")
@@ -78,14 +78,14 @@ class PackedLauncher(Launcher):
         log.info(plan.summary())
         returns: dict[int, JobReturn] = {}
         if self.backend == "submitit":
-            units = plan.units
-            results = self._submit([[list(job_overrides[i]) for i in u.jobs] for u in units], units, initial_job_idx)
-            for unit, unit_returns in zip(units, results):
+            results = self._submit([list(o) for o in job_overrides], plan.units, initial_job_idx)
+            for unit, unit_returns in zip(plan.units, results):
                 returns.update(zip(unit.jobs, unit_returns))
         else:
             interrupt.install(launcher=True)
             for unit in plan.units:
-                returns.update(zip(unit.jobs, self._run_unit([configs[i] for i in unit.jobs], unit.packed)))
+                pack = [configs[i] for i in unit.pack] if unit.packed else None
+                returns.update(zip(unit.jobs, self._run_unit([configs[i] for i in unit.jobs], pack)))
         return [returns[i] for i in range(len(configs))]
 
     def _compose(self, overrides: Sequence[str], idx: int) -> DictConfig:
@@ -98,19 +98,28 @@ class PackedLauncher(Launcher):
             sweep_config.hydra.job.num = idx
         return sweep_config
 
-    def _run_unit(self, sweep_configs: list[DictConfig], packed: bool) -> list[JobReturn]:
-        """Train a pack (or not, for a job that runs alone), then run each of its jobs."""
-        results = train_pack(sweep_configs, figures_ahead_in_workers=self.backend == "local") if packed else None
+    def _run_unit(self, sweep_configs: list[DictConfig], pack: list[DictConfig] | None) -> list[JobReturn]:
+        """Train the unit's pack (its jobs, or with the jobs of its pack logged before an interrupt:
+        see packing.Unit), or nothing for a job that runs alone; then run each of its jobs. The
+        pack's checkpoint goes once every job has run."""
+        results = None
+        if pack is not None:
+            nums = {c.hydra.job.num for c in sweep_configs}
+            ahead = [self.backend == "local" and c.hydra.job.num in nums for c in pack]
+            trained = train_pack(pack, ahead)
+            results = {c.hydra.job.num: r for c, r in zip(pack, trained, strict=True)} if trained else None
         returns = []
         try:
-            for position, sweep_config in enumerate(sweep_configs):
+            for sweep_config in sweep_configs:
                 overrides = " ".join(filter_overrides(sweep_config.hydra.overrides.task))
                 log.info(f"\t#{sweep_config.hydra.job.num} : {overrides}")
-                returns.append(self._run(sweep_config, results[position] if results else None))
+                returns.append(self._run(sweep_config, results[sweep_config.hydra.job.num] if results else None))
         finally:  # the figures of members whose jobs did not run (a stopped sweep)
-            for result in results or ():
+            for result in (results or {}).values():
                 if result.figures is not None:
                     result.figures.close()
+        if pack is not None:
+            forget_pack(pack)
         return returns
 
     def _run(self, sweep_config: DictConfig, result: MemberResult | None) -> JobReturn:
@@ -130,18 +139,20 @@ class PackedLauncher(Launcher):
     # --- backend=submitit ---------------------------------------------------------------------------
 
     def __call__(
-        self, overrides: list[list[str]], job_nums: list[int], packed: bool, state: dict[Any, Any]
+        self, overrides: list[list[str]], job_nums: list[int], runs: int, packed: bool, state: dict[Any, Any]
     ) -> list[JobReturn]:
-        """One submitit task (in its own process, on a node of the cluster): a pack, or a job alone."""
+        """One submitit task (in its own process, on a node of the cluster): its first `runs` jobs,
+        trained as one pack with the others (see packing.Unit) where `packed`, or a job alone."""
         Singleton.set_state(state)
         setup_globals()
         interrupt.install(launcher=False)
-        return self._run_unit([self._compose(o, num) for o, num in zip(overrides, job_nums)], packed)
+        configs = [self._compose(o, num) for o, num in zip(overrides, job_nums)]
+        pack = sorted(configs, key=lambda c: c.hydra.job.num) if packed else None  # in job order, as plan_packs cut it
+        return self._run_unit(configs[:runs], pack)
 
-    def _submit(
-        self, overrides: list[list[list[str]]], units: list[Unit], initial_job_idx: int
-    ) -> list[list[JobReturn]]:
-        """Send every unit to the cluster as one task of a job array; wait for their job returns."""
+    def _submit(self, overrides: list[list[str]], units: list[Unit], initial_job_idx: int) -> list[list[JobReturn]]:
+        """Send every unit to the cluster as one task of a job array (the jobs it runs, then the
+        other jobs of its pack); wait for their job returns."""
         import submitit
 
         assert self.config is not None
@@ -158,8 +169,13 @@ class PackedLauncher(Launcher):
         if settings.cluster == "slurm":
             parameters.update(slurm_partition=settings.partition, slurm_array_parallelism=settings.array_parallelism)
         executor.update_parameters(**parameters)
-        nums = [[initial_job_idx + i for i in unit.jobs] for unit in units]
+        composed = [[*unit.jobs, *(i for i in unit.pack if i not in unit.jobs)] for unit in units]
+        task_overrides = [[overrides[i] for i in jobs] for jobs in composed]
+        nums = [[initial_job_idx + i for i in jobs] for jobs in composed]
+        runs = [len(unit.jobs) for unit in units]
         state = Singleton.get_state()
-        jobs = executor.map_array(self, overrides, nums, [u.packed for u in units], [state] * len(units))
+        jobs = executor.map_array(
+            self, task_overrides, nums, runs, [u.packed for u in units], [state] * len(units)
+        )
         log.info(f"submitted {len(jobs)} tasks ({settings.cluster}): {', '.join(j.job_id for j in jobs)}")
         return [job.results()[0] for job in jobs]
