@@ -461,7 +461,7 @@ def test_a_packed_sweep_fails_resumes_and_feeds_optuna_like_a_basic_one(tiny_mni
 def test_ctrl_c_during_a_packs_training_and_resume_continues_the_pack(tiny_mnist_root: Path, tmp_path: Path) -> None:
     """SIGINT once the pack has checkpointed an epoch: exit 130, no run half-logged; `resume=true`
     continues the pack from that epoch (not from its first), every member then logged whole."""
-    epochs = 150  # a few milliseconds each: the pack is still training when the signal lands
+    epochs = 300  # a few milliseconds each: the pack is still training when the signal lands
     sweep = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "seed=0,1",
              *tiny_overrides(tiny_mnist_root, tmp_path), f"trainer.max_epochs={epochs}", "depth.widths=[16]",
              "probe.enabled=false", "tracking.log_model=false"]  # fmt: skip

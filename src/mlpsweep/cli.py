@@ -81,7 +81,8 @@ def train(cfg: DictConfig) -> float:
     data = load_splits(cfg.data, device)
     if (packed_result := packed.current_result()) is not None:  # trained in a pack by the packed launcher
         if cfg.resume:  # a run an interrupt stopped while it was logged: the pack's checkpoint gave it anew
-            tracking.retire_unfinished_runs(cfg, cfg_hash, continued=None)
+            reason = "it stopped while it was logged; resume=true logs its config anew from its pack's checkpoint"
+            tracking.retire_unfinished_runs(cfg, cfg_hash, continued=None, reason=reason)
         return log_packed_member(cfg, packed_result, data, cfg_hash)
 
     model, optimizer, schedule, generator = fresh_state(cfg, data, device)

@@ -63,7 +63,7 @@ class PackPlan:
         lines += [f"\tjob #{unit.jobs[0]} runs alone: {unit.reason}" for unit in self.units if not unit.packed]
         lines += [
             f"\tjobs {', '.join(f'#{i}' for i in unit.jobs)}: from the checkpoint of their pack of {len(unit.pack)} "
-            "(resume=true; the others were logged)"
+            "(resume=true; the others finished)"
             for unit in packs
             if len(unit.pack) > len(unit.jobs)
         ]

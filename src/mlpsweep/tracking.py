@@ -487,14 +487,16 @@ def has_unfinished_run(cfg: DictConfig, cfg_hash: str) -> bool:
     return bool(_unfinished_runs(cfg, cfg_hash))
 
 
-def retire_unfinished_runs(cfg: DictConfig, cfg_hash: str, continued: str | None) -> None:
-    """End FAILED this config's unfinished runs other than the one resume=true `continued`: runs
-    that a crash or an outage left RUNNING or KILLED without a checkpoint to continue them from,
-    whose config now trains in another run. A resumed sweep leaves no run RUNNING."""
+NO_CHECKPOINT = "it stopped without a checkpoint to continue from; resume=true trains its config in a new run"
+
+
+def retire_unfinished_runs(cfg: DictConfig, cfg_hash: str, continued: str | None, reason: str = NO_CHECKPOINT) -> None:
+    """End FAILED (saying `reason`) this config's unfinished runs other than the one resume=true
+    `continued`: runs that a crash or an outage left RUNNING or KILLED without a checkpoint to
+    continue them from, whose config now goes into another run. A resumed sweep leaves no run RUNNING."""
     client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
     for run in _unfinished_runs(cfg, cfg_hash):
         if run.info.run_id != continued:
-            reason = "it stopped without a checkpoint to continue from; resume=true trains its config in a new run"
             client.set_tag(run.info.run_id, ERROR_TAG, reason)
             client.set_terminated(run.info.run_id, "FAILED")
             log.info(f"resume: run {run.info.run_id} ends FAILED: {reason}")

@@ -101,7 +101,7 @@ class PackedLauncher(Launcher):
     def _run_unit(self, sweep_configs: list[DictConfig], pack: list[DictConfig] | None) -> list[JobReturn]:
         """Train the unit's pack (its jobs, or with the jobs of its pack logged before an interrupt:
         see packing.Unit), or nothing for a job that runs alone; then run each of its jobs. The
-        pack's checkpoint goes once every job has run."""
+        pack's checkpoint goes once every job has run, unless an interrupt stopped them."""
         results = None
         if pack is not None:
             nums = {c.hydra.job.num for c in sweep_configs}
@@ -118,7 +118,7 @@ class PackedLauncher(Launcher):
             for result in (results or {}).values():
                 if result.figures is not None:
                     result.figures.close()
-        if pack is not None:
+        if pack is not None and interrupt.requested() is None:  # a submitit task's stopped jobs return
             forget_pack(pack)
         return returns
 
