@@ -317,6 +317,7 @@ def test_plan_packs_groups_by_shape_and_says_why_a_job_runs_alone(tiny_cfg: Call
     assert "no other job" in reasons[6] and "no other job" in reasons[7]
     assert "running statistics" in reasons[8]
     assert "9 jobs: 5 in 2 packs (3, 2), 4 alone" in plan.summary()
+    assert "\tjob #15 runs alone: trainer.fast_step=false" in plan.summary(first_job=10)  # a later batch's numbers
 
 
 def test_a_resumed_sweep_cuts_the_packs_it_cut_before(tiny_cfg: Callable[..., DictConfig]) -> None:

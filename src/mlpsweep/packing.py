@@ -53,17 +53,18 @@ class Unit:
 class PackPlan:
     units: list[Unit]
 
-    def summary(self) -> str:
-        """How the sweep's jobs are launched: packs and their sizes, and each job that runs alone and why."""
+    def summary(self, first_job: int = 0) -> str:
+        """How the sweep's jobs are launched: packs and their sizes, and each job that runs alone and
+        why; jobs numbered as Hydra numbers them (the batch's first is `first_job`)."""
         packs = [unit for unit in self.units if unit.packed]
         jobs = sum(len(unit.jobs) for unit in self.units)
         packed = sum(len(p.jobs) for p in packs)
         sizes = ", ".join(str(len(p.jobs)) for p in packs) or "none"
         lines = [f"Launching {jobs} jobs: {packed} in {len(packs)} packs ({sizes}), {jobs - packed} alone"]
-        lines += [f"\tjob #{unit.jobs[0]} runs alone: {unit.reason}" for unit in self.units if not unit.packed]
+        lines += [f"\tjob #{first_job + u.jobs[0]} runs alone: {u.reason}" for u in self.units if not u.packed]
         lines += [
-            f"\tjobs {', '.join(f'#{i}' for i in unit.jobs)}: from the checkpoint of their pack of {len(unit.pack)} "
-            "(resume=true; the others finished)"
+            f"\tjobs {', '.join(f'#{first_job + i}' for i in unit.jobs)}: from the checkpoint of their pack of "
+            f"{len(unit.pack)} (resume=true; the others finished)"
             for unit in packs
             if len(unit.pack) > len(unit.jobs)
         ]

@@ -75,7 +75,7 @@ class PackedLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = [self._compose(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
         plan = plan_packs(configs, self.pack_size)
-        log.info(plan.summary())
+        log.info(plan.summary(first_job=initial_job_idx))
         returns: dict[int, JobReturn] = {}
         if self.backend == "submitit":
             results = self._submit([list(o) for o in job_overrides], plan.units, initial_job_idx)
