@@ -245,10 +245,12 @@ def test_an_interrupted_pack_continues_from_its_checkpoint_as_if_never_stopped(
     assert load_pack_checkpoint(checkpoint, identity, resumed) == 2
     resumed.fit()
     for before, after in zip(whole, resumed.results(train_seconds=1.0), strict=True):
-        assert [replace(m, epoch_time_s=0) for m in after.history] == [replace(m, epoch_time_s=0) for m in before.history]
+        untimed = [[replace(m, epoch_time_s=0) for m in result.history] for result in (before, after)]
+        assert untimed[1] == untimed[0]
         assert after.snapshots == before.snapshots
         assert str(after.error) == str(before.error)
-        assert all(torch.equal(a, b) for a, b in zip(after.model.state_dict().values(), before.model.state_dict().values()))
+        weights = [result.model.state_dict().values() for result in (before, after)]
+        assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
     assert isinstance(whole[1].error, DivergenceError) and 2 < len(whole[2].history) < 6  # diverged, then stopped
 
 
@@ -487,7 +489,8 @@ def test_ctrl_c_during_a_packs_training_and_resume_continues_the_pack(tiny_mnist
     children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
     assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
     for child in children:
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss/train")] == list(range(1, epochs + 1))
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss/train")]
+        assert steps == list(range(1, epochs + 1))
     assert not any((tmp_path / "checkpoints").glob("pack-*"))  # trained: the pack's checkpoint is gone
 
 
