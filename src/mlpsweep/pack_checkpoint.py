@@ -1,5 +1,7 @@
 """Epoch checkpoints of a pack: what `resume=true` needs to continue a pack that was interrupted
-while it trained, instead of training it again from its first epoch.
+while it trained, instead of training it again from its first epoch, or, interrupted while its
+jobs logged their runs, to give the jobs left their results (the launcher removes the file once
+every job of the pack has run).
 
 A pack's members have no MLflow runs until the pack has trained (each job then logs its member),
 so a pack's checkpoint holds, besides the stacked network, its optimizer's tensors and the RNGs,
