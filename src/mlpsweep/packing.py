@@ -133,14 +133,16 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> Pa
         for start in range(0, len(jobs), size):
             cut = jobs[start : start + size]
             taken = [i for i in cut if i in resumed]
-            trained = bool(taken) and has_checkpoint([sweep_configs[i] for i in cut])
-            if trained:  # the pack had trained when the interrupt came: its checkpoint holds what the rest log
+            # a pack that left a checkpoint (one that had trained, when its jobs had begun to log):
+            # the jobs of it not finished go on from there, its finished ones not logged again
+            checkpointed = bool(taken) and has_checkpoint([sweep_configs[i] for i in cut])
+            if checkpointed:
                 taken = [i for i in taken if i in finished]
             units += [Unit([i], reason=resumed[i]) for i in taken]
             chunk = [i for i in cut if i not in taken]
-            if trained and chunk:
+            if checkpointed and chunk:
                 units.append(Unit(chunk, pack=cut))
-            elif trained:
+            elif checkpointed:
                 forget_pack([sweep_configs[i] for i in cut])  # every job of the pack had logged its run
             elif len(chunk) > 1:
                 units.append(Unit(chunk))
