@@ -56,8 +56,8 @@ class CheckpointIdentity:
     sweep: str = ""  # the sweep's parent run id; "" for a single run
 
     def key(self) -> str:
-        """A short hex key: the sha256 of the fields."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """A short hex key: the sha256 of the fields (names the file)."""
+        return identity_key(self)
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,29 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(container, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def identity_key(identity: Any) -> str:
+    """A short hex key of a checkpoint's identity (a dataclass): the sha256 of its fields."""
+    return hashlib.sha256(json.dumps(asdict(identity), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_identity(path: Path, stored: Any, identity: Any, what: str) -> None:
+    """CheckpointError naming the fields of `identity` (a dataclass) that the file's `stored` ones
+    (a dict, else all differ) differ from; `what` says what the file is not a checkpoint of."""
+    stored = stored if isinstance(stored, dict) else {}
+    differing = [f.name for f in fields(identity) if stored.get(f.name) != getattr(identity, f.name)]
+    if differing:
+        verb = "differs" if len(differing) == 1 else "differ"
+        raise CheckpointError(f"{path}: not a checkpoint of this {what} ({', '.join(differing)} {verb})")
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """Save a checkpoint's state at `path` atomically (a kill never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")  # one writer per file
+    torch.save(state, partial)
+    partial.replace(path)
+
+
 def checkpoint_path(checkpoint_dir: Path, identity: CheckpointIdentity) -> Path:
     """Where `identity`'s checkpoint lives in `checkpoint_dir`."""
     return checkpoint_dir / f"{identity.key()}.pt"
@@ -122,10 +145,7 @@ def save_checkpoint(
         "scheduler": schedule.state_dict() if schedule is not None else None,
         "best_model": best_model,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")  # one writer per file
-    torch.save(state, partial)
-    partial.replace(path)
+    write_state(path, state)
 
 
 def load_checkpoint(
@@ -142,11 +162,7 @@ def load_checkpoint(
     is another identity's, or does not fit the model and optimizer.
     """
     state = read_state(path, KEYS)
-    stored = state["identity"] if isinstance(state["identity"], dict) else {}
-    differing = [f.name for f in fields(identity) if stored.get(f.name) != getattr(identity, f.name)]
-    if differing:
-        verb = "differs" if len(differing) == 1 else "differ"
-        raise CheckpointError(f"{path}: not a checkpoint of this config/store/data ({', '.join(differing)} {verb})")
+    check_identity(path, state["identity"], identity, "config/store/data")
     try:  # on copies and scratch RNGs: whatever a malformed (but safely loaded) file makes them raise
         if not isinstance(state["run_id"], str):
             raise TypeError(f"run_id is {type(state['run_id']).__name__}, not str")
@@ -235,22 +251,22 @@ def _decode_rng_states(rng: dict[str, Any], generator_device: torch.device) -> _
     )
     torch.Generator(device=generator_device).set_state(states.generator)
     torch.Generator().set_state(states.torch_cpu)
-    for index, state in _cuda_states_to_restore(states.torch_cuda):
+    for index, state in present_cuda_states(states.torch_cuda):
         torch.Generator(device=f"cuda:{index}").set_state(state)
     np.random.RandomState().set_state(states.numpy)
     random.Random().setstate(states.python)
     return states
 
 
-def _cuda_states_to_restore(cuda: list[torch.Tensor] | None) -> list[tuple[int, torch.Tensor]]:
-    """(device index, state) for the saved CUDA states whose device is present here."""
+def present_cuda_states(cuda: list[torch.Tensor] | None) -> list[tuple[int, torch.Tensor]]:
+    """(device index, state) for the saved CUDA RNG states whose device is present here."""
     return list(enumerate(cuda or []))[: torch.cuda.device_count()]
 
 
 def _restore_rng_states(states: _RngStates, generator: torch.Generator) -> None:
     generator.set_state(states.generator)
     torch.set_rng_state(states.torch_cpu)
-    for index, state in _cuda_states_to_restore(states.torch_cuda):
+    for index, state in present_cuda_states(states.torch_cuda):
         torch.cuda.set_rng_state(state, index)
     np.random.set_state(states.numpy)
     random.setstate(states.python)

@@ -14,16 +14,21 @@ dataset, sweep, and the config of every member, in the pack's order).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mlpsweep.checkpoint import CheckpointError, error_reason, read_state
+from mlpsweep.checkpoint import (
+    CheckpointError,
+    check_identity,
+    error_reason,
+    identity_key,
+    present_cuda_states,
+    read_state,
+    write_state,
+)
 from mlpsweep.engine import DivergenceError, EpochMetrics
 from mlpsweep.packed import Member, PackedTrainer
 from mlpsweep.probe import LayerSnapshot, Snapshot
@@ -43,8 +48,8 @@ class PackIdentity:
     config_hashes: tuple[str, ...]
 
     def key(self) -> str:
-        """A short hex key: the sha256 of the fields."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """A short hex key: the sha256 of the fields (names the file)."""
+        return identity_key(self)
 
 
 def pack_checkpoint_path(checkpoint_dir: Path, identity: PackIdentity) -> Path:
@@ -69,10 +74,7 @@ def save_pack_checkpoint(path: Path, identity: PackIdentity, trainer: PackedTrai
         },
         "members": [_member_state(member) for member in trainer.members],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")
-    torch.save(state, partial)
-    partial.replace(path)
+    write_state(path, state)
 
 
 def _member_state(member: Member) -> dict[str, Any]:
@@ -99,11 +101,8 @@ def load_pack_checkpoint(path: Path, identity: PackIdentity, trainer: PackedTrai
     another pack's, or does not fit the pack."""
     state = read_state(path, KEYS)
     stored = state["identity"] if isinstance(state["identity"], dict) else {}
-    stored = {**stored, "config_hashes": tuple(stored.get("config_hashes") or ())}
-    differing = [f.name for f in fields(identity) if stored.get(f.name) != getattr(identity, f.name)]
-    if differing:
-        verb = "differs" if len(differing) == 1 else "differ"
-        raise CheckpointError(f"{path}: not a checkpoint of this pack/store/data ({', '.join(differing)} {verb})")
+    stored = {**stored, "config_hashes": tuple(stored.get("config_hashes") or ())}  # a list in the file
+    check_identity(path, stored, identity, "pack/store/data")
     try:  # on copies: whatever a malformed (but safely loaded) file makes them raise
         epoch, members, rng = _checked(state, trainer)
     except Exception as err:
@@ -122,7 +121,7 @@ def load_pack_checkpoint(path: Path, identity: PackIdentity, trainer: PackedTrai
         else:
             trainer.net.copy_to(i, member.model)
     torch.set_rng_state(rng["torch_cpu"])
-    for index, cuda_state in _present_cuda_states(rng["torch_cuda"]):
+    for index, cuda_state in present_cuda_states(rng["torch_cuda"]):
         torch.cuda.set_rng_state(cuda_state, index)
     trainer.restored(epoch)
     return epoch
@@ -162,7 +161,7 @@ def _checked(state: dict[str, Any], trainer: PackedTrainer) -> tuple[int, list[_
     torch.Generator().set_state(rng["torch_cpu"])
     if rng["torch_cuda"] is not None and not isinstance(rng["torch_cuda"], list):
         raise TypeError(f"torch_cuda is {type(rng['torch_cuda']).__name__}, not a list")
-    for index, cuda_state in _present_cuda_states(rng["torch_cuda"]):
+    for index, cuda_state in present_cuda_states(rng["torch_cuda"]):
         torch.Generator(device=f"cuda:{index}").set_state(cuda_state)
     members = [_member_checked(m, saved, epoch) for m, saved in zip(trainer.members, state["members"], strict=True)]
     return epoch, members, rng
@@ -211,8 +210,3 @@ def _member_checked(member: Member, saved: dict[str, Any], epoch: int) -> _Membe
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _present_cuda_states(states: list[torch.Tensor] | None) -> list[tuple[int, torch.Tensor]]:
-    """(device index, state) for the saved CUDA RNG states whose device is present here."""
-    return list(enumerate(states or []))[: torch.cuda.device_count()]
