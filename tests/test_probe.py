@@ -8,14 +8,18 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_TEST, compose_config, sqlite_uri
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+from PIL import Image
 
+from mlpsweep import figures
 from mlpsweep.cli import train
 from mlpsweep.model import build_model
 from mlpsweep.probe import ActivationProbe
@@ -125,3 +129,49 @@ def test_a_figure_worker_imports_matplotlib_not_torch_or_mlflow(tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["matplotlib"]
     assert (tmp_path / "norms.png").stat().st_size > 1000
+
+
+def _layer(rng: np.random.Generator, scale: float, stages: tuple[str, ...]) -> dict[str, Any]:
+    edges = np.linspace(-scale, scale, 31).tolist()
+    return {
+        "histograms": {stage: (edges, rng.integers(0, 500, 30).tolist()) for stage in stages},
+        "stats": {"grad_norm": 0.1 * scale, "dead_frac": rng.random()},
+        "sample_pre": rng.normal(size=50).tolist(),
+        "sample_post": rng.normal(size=50).tolist(),
+    }
+
+
+def _two_figures(drawing: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Arguments of two figures of `drawing` with the same layout and different data, ranges,
+    scales, legends and numbers of points."""
+    rng = np.random.default_rng(0)
+    history = lambda n: [{"epoch": e, **{k: rng.random() for k in ("train_loss", "val_loss", "train_acc", "val_acc")}}
+                         for e in range(1, n + 1)]  # fmt: skip
+    return {
+        "probe_grid": ((0, {"h1": _layer(rng, 1, ("linear", "norm", "act")), "h2": _layer(rng, 5, ("linear", "norm", "act"))}, "a"),
+                       (3, {"h1": _layer(rng, 30, ("linear", "act")), "h2": _layer(rng, 0.1, ("linear", "act"))}, "b")),
+        "learning_curves": ((history(3), "a"), (history(10), "b")),
+        "confusion_matrix": ((rng.integers(0, 1000, (10, 10)), "a"), (rng.integers(0, 10, (10, 10)), "b")),
+        "gradient_norms": (({0: {"h1": 1.0, "h2": 2.0}, 1: {"h1": 1e-5, "h2": 3.0}}, "a"),
+                           ({e: {"h1": 10.0**-e, "h2": 0.5} for e in range(8)}, "b")),
+    }[drawing]  # fmt: skip
+
+
+@pytest.mark.parametrize("drawing", ["probe_grid", "learning_curves", "confusion_matrix", "gradient_norms"])
+def test_a_figure_drawn_on_a_kept_figure_is_the_one_drawn_afresh(drawing: str, tmp_path: Path) -> None:
+    """Each drawing keeps its figure for the next run's (no new axes and ticks per figure): the
+    next figure must come out pixel for pixel as if drawn on a new one, colours, limits, legends and all."""
+    first, second = _two_figures(drawing)
+    draw = getattr(figures, drawing)
+
+    def pixels(args: tuple[Any, ...], name: str) -> np.ndarray:
+        draw(*args).savefig(tmp_path / name, dpi=50)
+        return np.asarray(Image.open(tmp_path / name))
+
+    figures._kept.clear()
+    afresh = pixels(second, "afresh.png")
+    figures._kept.clear()
+    pixels(first, "first.png")
+    kept = pixels(second, "kept.png")
+    assert afresh.shape == kept.shape
+    assert np.array_equal(afresh, kept), f"{np.mean(afresh != kept):.2%} of the pixels differ"

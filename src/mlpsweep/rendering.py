@@ -59,9 +59,7 @@ def draw(drawing: str, args: tuple[Any, ...], path: str, dpi: float | None) -> s
 
     if drawing not in DRAWINGS:
         raise ValueError(f"no drawing {drawing!r}; drawings: {', '.join(DRAWINGS)}")
-    fig = getattr(figures, drawing)(*args)
-    fig.savefig(path, dpi=dpi or "figure")
-    figures.plt.close(fig)
+    getattr(figures, drawing)(*args).savefig(path, dpi=dpi or "figure")
     return path
 
 
