@@ -352,7 +352,7 @@ def test_packed_launcher_gives_the_store_a_basic_sweep_gives(tiny_mnist_root: Pa
         assert done.returncode == 0, done.stderr[-3000:]
         stores[launcher] = MlflowClient(sqlite_uri(folder))
         if launcher == "packed":
-            assert "2 jobs: 2 in 1 packs (2), 0 alone" in done.stderr + done.stdout
+            assert "2 jobs: 2 in 1 pack (2), 0 alone" in done.stderr + done.stdout
     children = {}
     for launcher, client in stores.items():
         runs = client.search_runs([client.get_experiment_by_name("mlpsweep").experiment_id])
@@ -453,7 +453,7 @@ def test_a_packed_sweep_fails_resumes_and_feeds_optuna_like_a_basic_one(tiny_mni
     (tmp_path / "optuna").mkdir()
     done = train_py(optuna, tmp_path / "optuna", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (done.stdout + done.stderr).count("in 1 packs (2)") == 1  # a batch of two trials
+    assert (done.stdout + done.stderr).count("in 1 pack (2)") == 1  # a batch of two trials
     import yaml
 
     results = yaml.safe_load((tmp_path / "o" / "optimization_results.yaml").read_text())

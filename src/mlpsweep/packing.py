@@ -60,7 +60,8 @@ class PackPlan:
         jobs = sum(len(unit.jobs) for unit in self.units)
         packed = sum(len(p.jobs) for p in packs)
         sizes = ", ".join(str(len(p.jobs)) for p in packs) or "none"
-        lines = [f"Launching {jobs} jobs: {packed} in {len(packs)} packs ({sizes}), {jobs - packed} alone"]
+        in_packs = f"{len(packs)} pack{'' if len(packs) == 1 else 's'} ({sizes})"
+        lines = [f"Launching {jobs} jobs: {packed} in {in_packs}, {jobs - packed} alone"]
         lines += [f"\tjob #{first_job + u.jobs[0]} runs alone: {u.reason}" for u in self.units if not u.packed]
         lines += [
             f"\tjobs {', '.join(f'#{first_job + i}' for i in unit.jobs)}: from the checkpoint of their pack of "
