@@ -193,6 +193,31 @@ def test_a_pack_whose_members_all_diverge_fails_each_alone(tiny_cfg: Callable[..
     assert all(isinstance(result.error, DivergenceError) for result in pack(cfgs))
 
 
+def test_a_member_whose_validation_loss_is_nan_fails_alone_as_its_solo_run(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """Every training step's loss finite, the validation loss NaN (outputs that overflow in eval
+    mode only; here a negative running variance that momentum 0 never updates): the run fails at
+    that epoch, solo and packed alike, and no epoch with a NaN reaches the history (or the store)."""
+    cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=3", "probe.enabled=false", "norm=batchnorm", "norm.momentum=0",
+                     f"seed={seed}") for seed in (0, 1)]  # fmt: skip
+    corrupt = lambda model: [m.running_var.fill_(-1.0) for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]  # noqa: E731
+    data = load_splits(cfgs[0].data, CPU)
+    model, optimizer, schedule, generator = fresh_state(cfgs[0], data, CPU)
+    corrupt(model)
+    with pytest.raises(DivergenceError, match="^val loss diverged to nan at epoch 1$"):
+        fit(model, optimizer, data, cfgs[0].trainer, generator, schedule=schedule)
+    trainer = pack_trainer(cfgs)
+    corrupt(trainer.members[0].model)
+    trainer = PackedTrainer(trainer.members, trainer.data, CPU)  # stacked from the corrupted member
+    trainer.fit()
+    diverged, trained = trainer.results(train_seconds=1.0)
+    assert str(diverged.error) == "val loss diverged to nan at epoch 1" and diverged.history == []
+    history, _ = solo(cfgs[1])
+    assert trained.error is None and len(trained.history) == 3
+    assert [m.val_loss for m in trained.history] == pytest.approx([m.val_loss for m in history], rel=1e-5)
+    n = len(data.val)  # accuracies as the solo run divides them, in double precision (not 0.8299999833106995)
+    assert all(m.val_acc == round(m.val_acc * n) / n for m in trained.history)
+
+
 def test_the_probe_sees_a_member_as_it_sees_its_solo_run(tiny_cfg: Callable[..., DictConfig]) -> None:
     cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=3", f"seed={seed}", "norm=batchnorm") for seed in (0, 1)]
     result = pack(cfgs)[1]

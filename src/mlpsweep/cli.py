@@ -43,6 +43,7 @@ from mlpsweep.engine import (
     device_for_job,
     evaluate_with_confusion,
     fit,
+    loss_divergence,
     seed_everything,
 )
 from mlpsweep.model import build_model, count_parameters
@@ -241,6 +242,8 @@ def test_and_log(
         tested = evaluate_with_confusion(
             model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision
         )
+    if err := loss_divergence(None, test_loss=tested.loss):
+        raise err  # nothing of the test pass logged, no NaN among the metrics
     log.info(f"Test >> loss {tested.loss:.5f} acc {tested.accuracy:.5f}")
     tracking.log_test(tested.loss, tested.accuracy)
     tracking.log_run_figures(history, tested.confusion, tracking.run_name(cfg), drawn)

@@ -11,6 +11,7 @@ by SGD on a CPU, else autograd), all computing the same update.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import sys
@@ -46,7 +47,18 @@ DIVERGENCE_CHECK_EVERY = 50
 
 
 class DivergenceError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or a loss measured with the weights did."""
+
+
+def loss_divergence(epoch: int | None, **losses: float) -> DivergenceError | None:
+    """The error of the first NaN/inf among an epoch's mean `losses` (`epoch` None: the test pass),
+    else None. Every step's loss can be finite while the network's outputs have grown huge: the
+    epoch's mean overflows, or the evaluation's logits do and its cross-entropy is NaN."""
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            when = "in the test pass" if epoch is None else f"at epoch {epoch}"
+            return DivergenceError(f"{name.replace('_', ' ')} diverged to {value} {when}")
+    return None
 
 
 # The MLflow key of each train/validation/test metric, by its name here (EpochMetrics' fields, the
@@ -234,7 +246,7 @@ def train_one_epoch(
         if done % check_every == 0 or done == steps:
             first = (done - 1) // check_every * check_every
             check_finite(losses[first:done], epoch, first_step=first + 1)
-    return losses, (predictions == ys).float().mean().item()
+    return losses, (predictions == ys).sum().item() / len(ys)
 
 
 def check_finite(step_losses: torch.Tensor, epoch: int, first_step: int) -> None:
@@ -264,9 +276,12 @@ def fit_epoch(
             model, step, data.train, cfg.batch_size, generator, epoch, bar, after_step
         )
     val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size, cfg.precision)
+    train_loss = step_losses.mean().item()
+    if err := loss_divergence(epoch, train_loss=train_loss, val_loss=val_loss):
+        raise err
     return EpochMetrics(
         epoch=epoch,
-        train_loss=step_losses.mean().item(),
+        train_loss=train_loss,
         train_acc=train_acc,
         val_loss=val_loss,
         val_acc=val_acc,

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from mlpsweep import interrupt
 from mlpsweep.data import DataSplits, Split
 from mlpsweep.early_stopping import BestWeights, EarlyStopping
-from mlpsweep.engine import DIVERGENCE_CHECK_EVERY, DivergenceError, EpochMetrics, Evaluation
+from mlpsweep.engine import DIVERGENCE_CHECK_EVERY, DivergenceError, EpochMetrics, Evaluation, loss_divergence
 from mlpsweep.probe import ActivationProbe, Snapshot
 from mlpsweep.rendering import Figures
 from mlpsweep.schedulers import Schedule, current_lr
@@ -637,6 +637,10 @@ class PackedTrainer:
             losses, train_acc = self._train_epoch(epoch)
             val_loss, val_acc, _ = self.evaluate(self.data.val)
             seconds = time.perf_counter() - start
+            for i, member in enumerate(self.members):
+                if not member.done and (err := loss_divergence(epoch, train_loss=losses[i], val_loss=val_loss[i])):
+                    member.error = err
+                    self._freeze(i)
             training = [i for i, member in enumerate(self.members) if not member.done]
             for i in training:
                 member = self.members[i]
@@ -689,8 +693,8 @@ class PackedTrainer:
                 )
             if (i + 1) % check_every == 0 or i + 1 == steps:
                 self._check_finite(losses, epoch, first=i // check_every * check_every, done=i + 1)
-        accuracy = (predictions == self.data.train.y[order]).float().mean(dim=1)
-        return losses.mean(dim=0).tolist(), accuracy.tolist()
+        correct = (predictions == self.data.train.y[order]).sum(dim=1)
+        return losses.mean(dim=0).tolist(), [c / order.shape[1] for c in correct.tolist()]
 
     def _check_finite(self, losses: Tensor, epoch: int, first: int, done: int) -> None:
         """Fail each live member whose step losses in [first, done) hold a NaN/inf (solo's message)."""
@@ -732,7 +736,9 @@ class PackedTrainer:
             counts += torch.bincount(cells.flatten(), minlength=size * classes * classes)
         matrices = counts.view(size, classes, classes)
         correct = matrices.diagonal(dim1=1, dim2=2).sum(dim=1)
-        return (loss_sum / len(split)).tolist(), (correct / len(split)).tolist(), matrices.cpu() if confusion else None
+        # divided here, as the solo evaluation divides its sums (float32 quotients would log 0.8306000232696533)
+        losses = [total / len(split) for total in loss_sum.tolist()]
+        return losses, [count / len(split) for count in correct.tolist()], matrices.cpu() if confusion else None
 
     def _after_epoch(self, epoch: int) -> None:
         """Per live member: its model brought up to date, its best weights, its probe, and whether it stops."""
