@@ -33,7 +33,7 @@ from mlpsweep.pack_checkpoint import PackIdentity, load_pack_checkpoint, save_pa
 from mlpsweep.packed import Member, MemberResult, PackedTrainer
 from mlpsweep.packing import plan_packs
 from mlpsweep.stats import welch_difference
-from mlpsweep.tracking import CONFIG_HASH_TAG, prepare_store, run_name
+from mlpsweep.tracking import CONFIG_HASH_TAG, ROLE_TAG, prepare_store, run_name
 
 STEPS = ["data.limit_train=64", "trainer.max_epochs=25", "depth.widths=[48,24]"]  # 2 steps an epoch: 50 steps
 CPU = torch.device("cpu")
@@ -548,3 +548,39 @@ def test_ctrl_c_while_a_pack_is_logged_and_resume_logs_the_rest_from_its_checkpo
     assert sorted(r.data.params["seed"] for r in finished) == ["0", "1", "2", "3"]
     assert {r.info.status for r in client.search_runs([experiment])} <= {"FINISHED", "FAILED"}  # none left RUNNING
     assert not any((tmp_path / "checkpoints").glob("pack-*"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_later_round_of_an_adaptive_sweep_leaves_it_killed_and_resumable(
+    tiny_mnist_root: Path, tmp_path: Path
+) -> None:
+    """A sweeper that decides its jobs as it goes, stopped while a later round's pack trains: every
+    run in the store is FINISHED (the pack logs none yet), yet the sweep is not; its parent ends
+    KILLED with the line that continues it, and `resume=true` finishes it."""
+    sweep = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/sweeper=adaptive_seeds", "hydra/launcher=packed",
+             "hydra.sweeper.max_seeds=3", "hydra.sweeper.precision_pp=0.01", "activation=relu,tanh",
+             *tiny_overrides(tiny_mnist_root, tmp_path), "trainer.max_epochs=300", "depth.widths=[8]",
+             "optimizer.lr=1e-5", "probe.enabled=false", "tracking.log_model=false"]  # fmt: skip (seeds far apart)
+    process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    packs = 0
+    for line in process.stdout:  # until round 2's pack starts to train
+        packs += "pack of " in line and " runs on cpu" in line
+        if packs == 2:
+            os.kill(process.pid, signal.SIGINT)
+            break
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    assert "interrupted with 4 configs finished; continue it with:" in output, output[-3000:]
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment = client.get_experiment_by_name("mlpsweep").experiment_id
+    (parent,) = [r for r in client.search_runs([experiment]) if r.data.tags.get(ROLE_TAG) == "sweep"]
+    assert parent.info.status == "KILLED"
+
+    resumed = train_py([*sweep[2:], "resume=true"], tmp_path)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    finished = client.search_runs([experiment], "tags.mlflow.parentRunId != '' and attributes.status = 'FINISHED'")
+    assert sorted((r.data.params["activation"], r.data.params["seed"]) for r in finished) == [
+        ("relu", "0"), ("relu", "1"), ("relu", "2"), ("tanh", "0"), ("tanh", "1"), ("tanh", "2")
+    ]  # fmt: skip
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"

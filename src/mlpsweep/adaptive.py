@@ -190,12 +190,12 @@ class AdaptiveSeeds:
         while batch:
             round_num += 1
             log.info(f"adaptive seeds: round {round_num}, {len(batch)} run(s)")
+            session.expected |= {hashes[job] for job in batch}  # before they run: a stop leaves them missing
             results = self.launcher.launch([self.job(*job) for job in batch], initial_job_idx=job_idx)
             for result in results:
                 _ = result.return_value  # as the basic sweeper: a job that failed inside Hydra stops the sweep
             returns.append(results)
             job_idx += len(batch)
-            session.expected |= {hashes[job] for job in batch}
             for cell, seed in batch:
                 started[cell].add(seed)
             interrupt.check()  # a parallel launcher's jobs stopped on a signal: the sweep stops here

@@ -217,6 +217,7 @@ class SweepSession:
     parent_id: str
     name: str
     expected: set[str] | None  # the config hash of every job; None when the sweeper decides as it goes
+    planned: bool = True  # every job known at the start (the basic sweeper's grid), not decided as it goes
     exit_code: int | None = None  # set once the end of the sweep is recorded
     progress: SweepProgress | None = None  # the progress lines, while the sweep runs
 
@@ -318,7 +319,7 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
         log.info(f"MLflow: sweep {name} is parent run {parent.info.run_id} in {client.tracking_uri}")
     os.environ[PARENT_RUN_ENV] = parent.info.run_id
     os.environ[LAUNCHER_PID_ENV] = _this_process()
-    return SweepSession(client, parent.info.run_id, parent.info.run_name, expected)
+    return SweepSession(client, parent.info.run_id, parent.info.run_name, expected, planned=expected is not None)
 
 
 def _this_process() -> str:
@@ -383,17 +384,22 @@ def _close(session: SweepSession, stop: BaseException | None) -> int:
         log.error(f"{len(failures)} job(s) failed:")
     for num, description in failures:
         log.error(f"  job {num}: {description}")
-    if len(finished) == len(expected) and not failures:
+    # a sweeper that decides its jobs as it goes (Optuna, adaptive seeds) and was stopped has jobs to
+    # come that have no run yet: its sweep is not finished, however many of its runs are
+    cut_short = not session.planned and (stop is not None or interrupt.requested() is not None)
+    if len(finished) == len(expected) and not failures and not cut_short:
         client.set_terminated(parent_id, "FINISHED")
         return 0
+    of_expected = f"{len(finished)} of {len(expected)} configs" if session.planned else f"{len(finished)} configs"
     if failed or not interrupted:
         missing = len(expected) - len(finished)
-        reason = f"{missing} of {len(expected)} configs did not finish" + (f" ({describe(stop)})" if stop else "")
+        reason = f"{missing} of {len(expected)} configs did not finish" if missing else f"stopped with {of_expected} finished"
+        reason += f" ({describe(stop)})" if stop else ""
         client.set_tag(parent_id, ERROR_TAG, f"{reason}; rerun failed and missing ones with resume=true")
         client.set_terminated(parent_id, "FAILED")
         log.error(f"sweep {session.name}: {reason}; rerun the failed and missing ones with: {resume_command()}")
         return 1
-    reason = f"interrupted with {len(finished)} of {len(expected)} configs finished"
+    reason = f"interrupted with {of_expected} finished"
     client.set_tag(parent_id, ERROR_TAG, f"{reason}; resume=true continues it")
     client.set_terminated(parent_id, "KILLED")
     log.warning(f"sweep {session.name} {reason}; continue it with: {resume_command()}")
