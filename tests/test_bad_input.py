@@ -465,6 +465,10 @@ COMPOSITION = {  # (overrides, multirun) -> the one line
     ("hydra/launcher=bogus",): "In 'hydra/config': Could not find 'hydra/launcher/bogus' Available options in "
     "'hydra/launcher': basic joblib packed slurm submitit_local submitit_slurm",
     ("seed=0,1",): "Ambiguous value for argument 'seed=0,1'",
+    ("-m", "hydra/launcher=packed", "+hydra.launcher.foo=1"):  # composes, but the launcher cannot be built
+    "+hydra.launcher.foo=1: hydra/launcher=packed has no setting 'foo'; its settings: pack_size, backend, submitit",
+    ("-m", "+hydra.sweeper.bar=2"):
+    "+hydra.sweeper.bar=2: hydra/sweeper=basic has no setting 'bar'; its settings: max_batch_size, params",
 }  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, IntervalSweep, Override, RangeSweep
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -373,7 +374,29 @@ def check_composition(overrides: list[str], multirun: bool) -> list[str]:
         loader.validate_sweep_overrides_legal(parsed, mode, from_shell=True)
     except (HydraException, OmegaConfBaseException) as err:
         return [_composition_problem(err, overrides)]
-    return []
+    problems = [_plugin_setting_problem(cfg, plugin, overrides) for plugin in ("launcher", "sweeper")]
+    return [problem for problem in problems if problem]
+
+
+def _plugin_setting_problem(cfg: DictConfig, plugin: str, overrides: list[str]) -> str | None:
+    """A setting of the launcher or sweeper (`plugin`) that its class does not take (one added with
+    `+hydra.launcher.x=...`): Hydra would compose it, open the sweep, then fail to build the plugin."""
+    node = cfg.hydra[plugin]
+    try:
+        parameters = inspect.signature(get_class(node._target_).__init__).parameters.values()
+    except Exception:  # a plugin that cannot be imported here: Hydra reports it itself
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    takes = [p.name for p in parameters if p.name != "self"]
+    unknown = [key for key in node if key != "_target_" and key not in takes]
+    if not unknown:
+        return None
+    key = f"hydra.{plugin}.{unknown[0]}"
+    written = next((text for text in overrides if _override_key(text) == key), key)
+    choice = cfg.hydra.runtime.choices.get(f"hydra/{plugin}", node._target_)
+    settings = ", ".join(takes) or "none"
+    return f"{written}: hydra/{plugin}={choice} has no setting {unknown[0]!r}; its settings: {settings}"
 
 
 def _composition_problem(err: Exception, overrides: list[str]) -> str:
