@@ -29,9 +29,15 @@ from mlpsweep.checkpoint import CheckpointError, config_hash
 from mlpsweep.cli import fresh_state, new_probe
 from mlpsweep.data import load_splits
 from mlpsweep.engine import DivergenceError, EpochMetrics, fit
-from mlpsweep.pack_checkpoint import PackIdentity, load_pack_checkpoint, save_pack_checkpoint
+from mlpsweep.pack_checkpoint import (
+    PackIdentity,
+    load_pack_checkpoint,
+    other_cuts,
+    pack_checkpoint_path,
+    save_pack_checkpoint,
+)
 from mlpsweep.packed import Member, MemberResult, PackedTrainer
-from mlpsweep.packing import plan_packs
+from mlpsweep.packing import plan_packs, resume_pack
 from mlpsweep.stats import welch_difference
 from mlpsweep.tracking import CONFIG_HASH_TAG, ROLE_TAG, prepare_store, run_name
 
@@ -311,6 +317,32 @@ def test_a_pack_checkpoint_of_another_pack_is_refused_and_changes_nothing(
             load_pack_checkpoint(tmp_path / "tampered.pt", identity, fresh)
         assert all(torch.equal(a, b) for a, b in zip(fresh.net.params, before, strict=True)), where
         assert fresh.epochs_done == 0 and not any(m.history for m in fresh.members), where
+
+
+def test_a_pack_cut_otherwise_on_resume_names_the_checkpoint_of_the_old_cut(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sweep resumed with another pack size cuts other packs: their files cannot continue them.
+    The log names the file that holds the pack's members and how to continue it; files of other
+    sweeps, or without the pack's members, are not named (forget_pack removes the named ones)."""
+    cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=1", "probe.enabled=false", f"seed={seed}") for seed in (0, 1, 2)]
+    old_cut = PackIdentity("sqlite:///store.db", "mlpsweep", "digest", "sweep", ("a", "b"))
+    identities = {
+        "old cut": old_cut,
+        "other sweep": replace(old_cut, sweep="another sweep"),
+        "other members": replace(old_cut, config_hashes=("c", "d")),
+    }
+    files = {name: pack_checkpoint_path(tmp_path, identity) for name, identity in identities.items()}
+    two = pack_trainer(cfgs[:2])
+    for name, identity in identities.items():
+        save_pack_checkpoint(files[name], identity, two, epoch=1)
+    new_cut = replace(old_cut, config_hashes=("a", "b", "e"))
+    assert other_cuts(tmp_path, new_cut) == {files["old cut"]: old_cut}
+    three = pack_trainer(cfgs)
+    with caplog.at_level("WARNING", logger="mlpsweep.packing"):
+        resume_pack(pack_checkpoint_path(tmp_path, new_cut), new_cut, three)
+    assert f"resume: {files['old cut']} holds 2 of this pack's 3 jobs in a pack of 2" in caplog.text
+    assert "another sweep" not in caplog.text and three.epochs_done == 0
 
 
 def test_with_dropout_members_reach_the_accuracy_of_solo_runs(tiny_cfg: Callable[..., DictConfig]) -> None:

@@ -57,6 +57,24 @@ def pack_checkpoint_path(checkpoint_dir: Path, identity: PackIdentity) -> Path:
     return checkpoint_dir / f"pack-{identity.key()}.pt"
 
 
+def other_cuts(checkpoint_dir: Path, identity: PackIdentity) -> dict[Path, PackIdentity]:
+    """The pack checkpoints in `checkpoint_dir` of `identity`'s store, dataset and sweep that hold
+    some of its members in another pack: the sweep cut its packs otherwise before it was resumed
+    (another `hydra.launcher.pack_size`, or other free memory choosing it). Files that do not load
+    safely are left out."""
+    found = {}
+    for path in sorted(checkpoint_dir.glob("pack-*.pt")):
+        try:  # mmap: the identity without reading the tensors
+            stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["identity"]
+            other = PackIdentity(**{**stored, "config_hashes": tuple(stored["config_hashes"])})
+        except Exception:
+            continue
+        same_sweep = asdict(other) | {"config_hashes": ()} == asdict(identity) | {"config_hashes": ()}
+        if other != identity and same_sweep and set(other.config_hashes) & set(identity.config_hashes):
+            found[path] = other
+    return found
+
+
 def _trainer_tensors(trainer: PackedTrainer) -> list[torch.Tensor]:
     """The stacked state a step changes: weights, batch-norm statistics, the optimizer's tensors."""
     return [*trainer.net.params, *trainer.net.buffers, *trainer.optimizer.tensors]

@@ -21,7 +21,13 @@ from mlpsweep.config import launch_dir
 from mlpsweep.data import dataset_digest
 from mlpsweep.engine import cpu_threads
 from mlpsweep.interrupt import SweepStop
-from mlpsweep.pack_checkpoint import PackIdentity, load_pack_checkpoint, pack_checkpoint_path, save_pack_checkpoint
+from mlpsweep.pack_checkpoint import (
+    PackIdentity,
+    load_pack_checkpoint,
+    other_cuts,
+    pack_checkpoint_path,
+    save_pack_checkpoint,
+)
 from mlpsweep.packed import Member, MemberResult, PackedTrainer, pack_key, unpackable
 
 log = logging.getLogger(__name__)
@@ -209,14 +215,24 @@ def has_checkpoint(sweep_configs: Sequence[DictConfig]) -> bool:
 
 
 def forget_pack(sweep_configs: Sequence[DictConfig]) -> None:
-    """Remove the pack's checkpoint: every job of the pack has logged its run (or failed)."""
-    checkpoint_of(sweep_configs)[0].unlink(missing_ok=True)
+    """Remove the pack's checkpoint, and those of the sweep's other cuts that held its members:
+    every job of the pack has logged its run (or failed)."""
+    checkpoint, identity = checkpoint_of(sweep_configs)
+    for path in [checkpoint, *other_cuts(checkpoint.parent, identity)]:
+        path.unlink(missing_ok=True)
 
 
 def resume_pack(checkpoint: Path, identity: PackIdentity, trainer: PackedTrainer) -> None:
     """Restore the pack's checkpoint into `trainer`, if there is one it can continue (else say why
     in the log: the pack trains from its first epoch)."""
     if not checkpoint.is_file():
+        for path, other in other_cuts(checkpoint.parent, identity).items():
+            shared = len(set(other.config_hashes) & set(identity.config_hashes))
+            log.warning(
+                f"resume: {path} holds {shared} of this pack's {len(identity.config_hashes)} jobs in a pack of "
+                f"{len(other.config_hashes)}, cut otherwise (another hydra.launcher.pack_size, or other free "
+                "memory); this pack starts from epoch 0 (resume with the pack size that cut it to continue it)"
+            )
         return
     try:
         epoch = load_pack_checkpoint(checkpoint, identity, trainer)
