@@ -418,9 +418,15 @@ def main() -> None:
         if current_session() is None:  # a single run: one line instead of a traceback
             print(f"{err or 'interrupted'}; continue with: {resume_command()}", file=sys.stderr)
     if current_session() is not None:
-        code = close_sweep(stop) or code  # the sweep's own line says what happened and how to continue
+        try:
+            code = close_sweep(stop) or code  # the sweep's own line says what happened and how to continue
+        except KeyboardInterrupt:  # a second signal while the parent run was closed: stop at once
+            print(f"stopped at once; the sweep's parent run may stay RUNNING: continue with: {resume_command()}",
+                  file=sys.stderr)  # fmt: skip
+            code = 130
     elif multirun_started() and code == 0:
         code = 1  # a sweep whose parent run never opened did not run as a sweep
+    interrupt.exiting()
     sys.exit(code)
 
 

@@ -71,6 +71,13 @@ def install(launcher: bool) -> None:
         signal.signal(signum, _on_signal)
 
 
+def exiting() -> None:
+    """The process is about to exit: a signal from now on ends it at once, without a traceback
+    (the exit still waits for worker processes and threads, where a raise would only print one)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def requested() -> str | None:
     """The name of the signal that asked this process to stop, if one did."""
     return _State.signal
