@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from mlpsweep.checkpoint import CheckpointError, config_hash
-from mlpsweep.cli import fresh_state, new_probe
+from mlpsweep.cli import figures_ahead, fresh_state, new_probe
 from mlpsweep.data import load_splits
 from mlpsweep.engine import DivergenceError, EpochMetrics, fit
 from mlpsweep.pack_checkpoint import (
@@ -222,6 +222,20 @@ def test_a_member_whose_validation_loss_is_nan_fails_alone_as_its_solo_run(tiny_
     assert [m.val_loss for m in trained.history] == pytest.approx([m.val_loss for m in history], rel=1e-5)
     n = len(data.val)  # accuracies as the solo run divides them, in double precision (not 0.8299999833106995)
     assert all(m.val_acc == round(m.val_acc * n) / n for m in trained.history)
+
+
+def test_a_failed_member_asks_for_the_figures_a_failed_solo_run_logs(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """A failed run has the probe's grids of the epochs it reached, not the figures drawn at a
+    run's end (learning curves, confusion matrix, gradient norms over the epochs)."""
+    cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=2", f"optimizer.lr={lr}") for lr in (1e30, 0.1)]
+    asked = {}
+    for cfg, result in zip(cfgs, pack(cfgs), strict=True):
+        drawn = figures_ahead(cfg, result)
+        asked[result.error is None] = sorted(request.artifact_path for _, request in drawn.pending)
+        drawn.close()
+    assert asked[False] == ["probe/epoch_000.png"]
+    assert asked[True] == ["confusion_matrix.png", "learning_curves.png", "probe/epoch_000.png", "probe/epoch_002.png",
+                           "probe/gradient_norms.png"]  # fmt: skip
 
 
 def test_the_probe_sees_a_member_as_it_sees_its_solo_run(tiny_cfg: Callable[..., DictConfig]) -> None:

@@ -289,8 +289,9 @@ def figures_ahead(cfg: DictConfig, result: packed.MemberResult) -> Figures:
     members before it are logged: those its job would ask for (the run's, unless it failed or is
     still to be tested; the probe's)."""
     title = tracking.run_name(cfg)
-    requests = tracking.probe_figures(result.snapshots, title) if cfg.probe.enabled else []
-    if result.error is None and result.test is not None:
+    finished = result.error is None
+    requests = tracking.probe_figures(result.snapshots, title, finished) if cfg.probe.enabled else []
+    if finished and result.test is not None:
         requests = tracking.run_figures(result.history, result.test.confusion, title) + requests
     return Figures.ahead(requests)
 

@@ -350,11 +350,12 @@ def gradient_norms_figure(norms: dict[int, dict[str, float]], title: str) -> Fig
     return FigureRequest("gradient_norms", (norms, title), "probe/gradient_norms.png")
 
 
-def probe_figures(snapshots: Sequence[Snapshot], title: str) -> list[FigureRequest]:
-    """The figures a ProbeLog draws of these snapshots (see `record` and `finish`)."""
+def probe_figures(snapshots: Sequence[Snapshot], title: str, finished: bool = True) -> list[FigureRequest]:
+    """The figures a ProbeLog draws of these snapshots (see `record`, and `finish`, which a run
+    that failed never reaches)."""
     grids = [grid for snapshot in snapshots if (grid := probe_grid_figure(snapshot, title))]
     norms = {snapshot.epoch: norms for snapshot in snapshots if (norms := snapshot_gradient_norms(snapshot))}
-    return grids + ([gradient_norms_figure(norms, title)] if norms else [])
+    return grids + ([gradient_norms_figure(norms, title)] if norms and finished else [])
 
 
 class ProbeLog:
