@@ -456,7 +456,8 @@ COMPOSITION = {  # (overrides, multirun) -> the one line
     ("trainer.max_epoch=3",): "trainer.max_epoch=3: trainer has no key 'max_epoch'; its keys: max_epochs, "
     f"{TRAINER_KEYS}, num_threads, precision, progress_bar (to add a key, use +trainer.max_epoch=3)",
     ("-m", "hydra/launcher=packed", "hydra.launcher.pack_size=abc"):
-    "hydra.launcher.pack_size=abc: Value 'abc' of type 'str' could not be converted to Integer",
+    "hydra.launcher.pack_size=abc: Value 'abc' of type 'str' could not be converted to Integer; "
+    "hydra.launcher.pack_size takes an integer or null",
     ("-m", "hydra.sweeper.max_batch=2"): "hydra.sweeper.max_batch=2: hydra.sweeper has no key 'max_batch'; its keys: "
     "max_batch_size, _target_, params (to add a key, use +hydra.sweeper.max_batch=2)",
     ("-m", "hydra.launcher.pack_size=1,2"):

@@ -417,7 +417,21 @@ def _composition_problem(err: Exception, overrides: list[str]) -> str:
         listed = ", ".join(near + sorted(set(there) - set(near))) or "none"
         add = f" (to add a key, use +{written})" if _override_key(written) == full_key else ""
         return f"{written}: {parent or 'the config'} has no key {key!r}; its keys: {listed}{add}"
-    return f"{written}: {str(cause).splitlines()[0]}"
+    return f"{written}: {str(cause).splitlines()[0]}{_takes(cause)}"
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _takes(cause: OmegaConfBaseException) -> str:
+    """`; <key> takes an integer or null` for a value a typed field (a structured config's, as
+    Hydra's launchers and sweepers have) refused; else nothing."""
+    parent, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
+    node = parent._get_node(key) if isinstance(parent, DictConfig) and key is not None else None
+    kind = TYPE_NAMES.get(node._metadata.ref_type) if node is not None else None
+    if kind is None:
+        return ""
+    return f"; {cause.full_key} takes {kind}{' or null' if node._metadata.optional else ''}"
 
 
 def _override_key(text: str) -> str:
