@@ -28,7 +28,14 @@ from mlpsweep.report import (
     write_report,
 )
 from mlpsweep.stats import summarize, welch_difference
-from mlpsweep.tracking import CONFIG_HASH_TAG, ERROR_TAG, FAILED_JOB_TAG_PREFIX, ROLE_TAG, get_or_create_experiment
+from mlpsweep.tracking import (
+    CONFIG_HASH_TAG,
+    ERROR_TAG,
+    FAILED_JOB_TAG_PREFIX,
+    OVERRIDES_TAG,
+    ROLE_TAG,
+    get_or_create_experiment,
+)
 
 # test accuracy by (activation, norm) over seeds 0, 1, 2
 KNOWN = {
@@ -66,6 +73,8 @@ def fill_store(tmp_path: Path, stored_as: Callable[[str], str] = metric_key) -> 
             client.set_terminated(run_id, "FINISHED")
     diverged = child("relu-none-lr-huge", "relu", "none", 3, "FAILED")
     client.set_tag(diverged, ERROR_TAG, "DivergenceError: loss diverged to nan at epoch 1, step 7")
+    client.set_tag(diverged, OVERRIDES_TAG, "optimizer.lr=1e30")  # a job that fails in its run tags the parent too
+    client.set_tag(parent_id, f"{FAILED_JOB_TAG_PREFIX}12", "[optimizer.lr=1e30] DivergenceError: loss diverged to nan")
     client.set_terminated(diverged, "FAILED")
     client.set_terminated(parent_id, "FAILED")
     return client
@@ -131,6 +140,7 @@ def test_report_files_of_a_known_store(known_sweep, tmp_path: Path) -> None:
     assert "sigmoid vs relu, with norm=none: -6.5 pp" in markdown  # the baseline option
     assert "relu-none-lr-huge (FAILED)" in markdown and "loss diverged to nan at epoch 1, step 7" in markdown
     assert "job 13: [dropout.p=1.5] ConfigError" in markdown
+    assert "13 runs, 12 finished, 2 failed." in markdown and "job 12:" not in markdown  # the diverged run once
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 13
     logged = {a.path for a in client.list_artifacts(sweep.parent.info.run_id, "report")}

@@ -188,10 +188,11 @@ def load_sweep(client: MlflowClient, parent: Run) -> Sweep:
         )
         params.append(run.data.params)
     runs = pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status", *AXES, "seed", "test_acc"])
+    with_a_run = tuple(f"[{overrides}] " for overrides in runs.get("overrides", []))  # listed as failed runs
     failed_jobs = [
         f"job {key.removeprefix(FAILED_JOB_TAG_PREFIX)}: {value}"
         for key, value in sorted(parent.data.tags.items())
-        if key.startswith(FAILED_JOB_TAG_PREFIX)
+        if key.startswith(FAILED_JOB_TAG_PREFIX) and not value.startswith(with_a_run)
     ]
     sweep = Sweep(parent, runs, histories, health, histograms, failed_jobs)
     if len(runs):
