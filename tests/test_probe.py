@@ -20,9 +20,13 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from mlpsweep import figures
-from mlpsweep.cli import train
+from mlpsweep.cli import new_probe, test_and_log, train
+from mlpsweep.data import load_splits
+from mlpsweep.engine import DivergenceError, Evaluation
 from mlpsweep.model import build_model
 from mlpsweep.probe import ActivationProbe
+from mlpsweep.rendering import Figures
+from mlpsweep.tracking import ProbeLog
 
 PROBE_X = torch.randn(200, 784, generator=torch.Generator().manual_seed(0))
 
@@ -175,3 +179,24 @@ def test_a_figure_drawn_on_a_kept_figure_is_the_one_drawn_afresh(drawing: str, t
     kept = pixels(second, "kept.png")
     assert afresh.shape == kept.shape
     assert np.array_equal(afresh, kept), f"{np.mean(afresh != kept):.2%} of the pixels differ"
+
+
+def test_a_nan_test_loss_fails_the_run_with_its_probe_figures_and_no_test_metric(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """The test pass of weights whose outputs overflow (as a packed member's pack passes it in):
+    the run fails as one that diverged in training, its probe's figures logged, no NaN logged."""
+    cfg = tiny_cfg("trainer.max_epochs=1")
+    data = load_splits(cfg.data, torch.device("cpu"))
+    model = build_model(cfg, data.num_features, data.num_classes)
+    drawn = Figures(tmp_path / "figures", in_worker=False)
+    mlflow.set_tracking_uri(sqlite_uri(tmp_path))
+    with mlflow.start_run() as run:
+        probe_log = ProbeLog(new_probe(cfg, model, data), {0}, "title", drawn)
+        probe_log.snapshot(0)
+        nan_test = Evaluation(math.nan, 0.1, torch.zeros(10, 10, dtype=torch.long))
+        with pytest.raises(DivergenceError, match="^test loss diverged to nan in the test pass$"):
+            test_and_log(cfg, model, data, [], probe_log, drawn, started=0.0, tested=nan_test)
+    client = MlflowClient(sqlite_uri(tmp_path))
+    assert not {"loss/test", "accuracy/test"} & set(client.get_run(run.info.run_id).data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "probe")] == ["probe/epoch_000.png"]

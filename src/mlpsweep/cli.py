@@ -242,8 +242,11 @@ def test_and_log(
         tested = evaluate_with_confusion(
             model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision
         )
-    if err := loss_divergence(None, test_loss=tested.loss):
-        raise err  # nothing of the test pass logged, no NaN among the metrics
+    if err := loss_divergence(None, test_loss=tested.loss):  # nothing of the test pass logged
+        if probe_log:
+            probe_log.log_waiting()
+        drawn.log_all()  # the probe's figures, as a run that diverged in training logs them
+        raise err
     log.info(f"Test >> loss {tested.loss:.5f} acc {tested.accuracy:.5f}")
     tracking.log_test(tested.loss, tested.accuracy)
     tracking.log_run_figures(history, tested.confusion, tracking.run_name(cfg), drawn)

@@ -374,6 +374,8 @@ def check_composition(overrides: list[str], multirun: bool) -> list[str]:
         loader.validate_sweep_overrides_legal(parsed, mode, from_shell=True)
     except (HydraException, OmegaConfBaseException) as err:
         return [_composition_problem(err, overrides)]
+    if mode != RunMode.MULTIRUN:  # a single run builds neither
+        return []
     problems = [_plugin_setting_problem(cfg, plugin, overrides) for plugin in ("launcher", "sweeper")]
     return [problem for problem in problems if problem]
 
@@ -389,7 +391,8 @@ def _plugin_setting_problem(cfg: DictConfig, plugin: str, overrides: list[str]) 
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
     takes = [p.name for p in parameters if p.name != "self"]
-    unknown = [key for key in node if key != "_target_" and key not in takes]
+    instantiate_keys = [key for key in node if key.startswith("_") and key.endswith("_")]  # _target_, _partial_, ...
+    unknown = [key for key in node if key not in instantiate_keys and key not in takes]
     if not unknown:
         return None
     key = f"hydra.{plugin}.{unknown[0]}"

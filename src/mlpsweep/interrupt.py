@@ -72,10 +72,11 @@ def install(launcher: bool) -> None:
 
 
 def exiting() -> None:
-    """The process is about to exit: a signal from now on ends it at once, without a traceback
-    (the exit still waits for worker processes and threads, where a raise would only print one)."""
+    """The process is about to exit with its status: a signal from now on is ignored (the exit
+    waits for worker processes and threads, where a raise would only print a traceback, and its
+    clean-up, which the signal's default action would skip)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def requested() -> str | None:

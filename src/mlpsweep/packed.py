@@ -785,6 +785,8 @@ class PackedTrainer:
                 tested = None  # tested alone, with the restored weights
             elif member.done and member.error is None:
                 tested = None  # frozen before the end: the pack's weights are not its own
+            if tested is not None and (err := loss_divergence(None, test_loss=tested.loss)):
+                member.error, tested = err, None  # fails as its solo run would, before any figure is asked for
             results.append(
                 MemberResult(
                     history=member.history,

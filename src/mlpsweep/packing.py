@@ -231,7 +231,7 @@ def resume_pack(checkpoint: Path, identity: PackIdentity, trainer: PackedTrainer
             log.warning(
                 f"resume: {path} holds {shared} of this pack's {len(identity.config_hashes)} jobs in a pack of "
                 f"{len(other.config_hashes)}, cut otherwise (another hydra.launcher.pack_size, or other free "
-                "memory); this pack starts from epoch 0 (resume with the pack size that cut it to continue it)"
+                "memory); this pack starts from epoch 0 (resume with the interrupted sweep's pack_size to continue it)"
             )
         return
     try:

@@ -188,7 +188,8 @@ def load_sweep(client: MlflowClient, parent: Run) -> Sweep:
         )
         params.append(run.data.params)
     runs = pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status", *AXES, "seed", "test_acc"])
-    with_a_run = tuple(f"[{overrides}] " for overrides in runs.get("overrides", []))  # listed as failed runs
+    failed_runs = runs[runs.status != "FINISHED"] if len(runs) else runs
+    with_a_run = tuple(f"[{overrides}] " for overrides in failed_runs.get("overrides", []))  # listed as failed runs
     failed_jobs = [
         f"job {key.removeprefix(FAILED_JOB_TAG_PREFIX)}: {value}"
         for key, value in sorted(parent.data.tags.items())
