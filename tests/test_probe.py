@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from PIL import Image
 
-from mlpsweep import figures
-from mlpsweep.cli import new_probe, test_and_log, train
+from mlpsweep import cli, figures
+from mlpsweep.cli import new_probe, train
 from mlpsweep.data import load_splits
 from mlpsweep.engine import DivergenceError, Evaluation
 from mlpsweep.model import build_model
@@ -196,7 +196,8 @@ def test_a_nan_test_loss_fails_the_run_with_its_probe_figures_and_no_test_metric
         probe_log.snapshot(0)
         nan_test = Evaluation(math.nan, 0.1, torch.zeros(10, 10, dtype=torch.long))
         with pytest.raises(DivergenceError, match="^test loss diverged to nan in the test pass$"):
-            test_and_log(cfg, model, data, [], probe_log, drawn, started=0.0, tested=nan_test)
+            # cli.test_and_log, not imported by name: pytest would collect it as a test
+            cli.test_and_log(cfg, model, data, [], probe_log, drawn, started=0.0, tested=nan_test)
     client = MlflowClient(sqlite_uri(tmp_path))
     assert not {"loss/test", "accuracy/test"} & set(client.get_run(run.info.run_id).data.metrics)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "probe")] == ["probe/epoch_000.png"]
