@@ -379,17 +379,21 @@ def test_plan_packs_groups_by_shape_and_says_why_a_job_runs_alone(tiny_cfg: Call
         tiny_cfg("depth.widths=[32]"),
         tiny_cfg("optimizer=adam"),
         tiny_cfg("norm=batchnorm", "+norm.track_running_stats=false"),
+        tiny_cfg("seed=5", "trainer.device=auto"),  # the CPU here, or a GPU
     ]
     hydra_node = {"hydra": {}}
     configs = [DictConfig({**cfg, **hydra_node}) for cfg in sweep]
     plan = plan_packs(configs, pack_size=3)
     packs = [unit.jobs for unit in plan.units if unit.packed]
-    assert packs == [[0, 1, 2], [3, 4]]
+    assert packs == ([[0, 1, 2], [3, 4]] if torch.cuda.is_available() else [[0, 1, 2], [3, 4, 9]])
+    remote = [unit.jobs for unit in plan_packs(configs, pack_size=3, remote=True).units if unit.packed]
+    assert remote == [[0, 1, 2], [3, 4]]  # a submitit task's machine resolves `auto` itself
     reasons = {unit.jobs[0]: unit.reason for unit in plan.units if not unit.packed}
     assert "fast_step=false" in reasons[5]
     assert "no other job" in reasons[6] and "no other job" in reasons[7]
     assert "running statistics" in reasons[8]
-    assert "9 jobs: 5 in 2 packs (3, 2), 4 alone" in plan.summary()
+    on_cpu = "10 jobs: 6 in 2 packs (3, 3), 4 alone"
+    assert ("10 jobs: 5 in 2 packs (3, 2), 5 alone" if torch.cuda.is_available() else on_cpu) in plan.summary()
     assert "\tjob #15 runs alone: trainer.fast_step=false" in plan.summary(first_job=10)  # a later batch's numbers
 
 

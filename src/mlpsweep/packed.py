@@ -53,7 +53,8 @@ PACKED_OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def pack_key(cfg: DictConfig) -> str:
-    """What members of one pack must share: the tensors' shapes and the step's path."""
+    """What members of one pack must share: the tensors' shapes and the step's path (and their
+    device, which packing.plan_packs adds as it resolves it)."""
     shared = {
         "widths": list(cfg.depth.widths),
         "bias": cfg.model.bias,
@@ -61,7 +62,6 @@ def pack_key(cfg: DictConfig) -> str:
         "eval_batch_size": cfg.trainer.eval_batch_size,
         "max_epochs": cfg.trainer.max_epochs,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "device": cfg.trainer.device,
         "precision": cfg.trainer.precision,
         "deterministic": cfg.trainer.deterministic,
         "optimizer": cfg.optimizer.name,

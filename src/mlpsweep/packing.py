@@ -100,10 +100,12 @@ def task_config(sweep_config: DictConfig) -> DictConfig:
     return cfg
 
 
-def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> PackPlan:
+def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None, remote: bool = False) -> PackPlan:
     """Group the jobs that can share a stacked network (same `pack_key` and device) into packs of at
     most `pack_size` (None: as many as fit, `fitting_pack_size`), in the order of their first job;
-    every other job is a unit of its own with the reason it runs alone.
+    every other job is a unit of its own with the reason it runs alone. The device is the one each
+    job's `trainer.device` resolves to here (`cpu` and `auto` pack together on a machine without a
+    GPU), and where the packs train on other machines (`remote`: submitit tasks) also as written.
 
     Under resume=true the packs are cut from every job of a group, then the jobs that finished or
     continue their own run are taken out of them: a resumed sweep cuts the packs it cut before, so
@@ -132,7 +134,7 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None) -> Pa
                 finished.add(i)
             elif tracking.has_unfinished_run(cfg, cfg_hash):
                 resumed[i] = "its unfinished run continues from its checkpoint (resume=true)"
-        key = pack_key(cfg) + str(device)
+        key = pack_key(cfg) + str(device) + (f" as {cfg.trainer.device}" if remote else "")
         groups.setdefault(key, []).append(i)
         devices[key] = device
     for key, jobs in groups.items():

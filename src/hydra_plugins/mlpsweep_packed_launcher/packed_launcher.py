@@ -74,7 +74,7 @@ class PackedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = [self._compose(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
-        plan = plan_packs(configs, self.pack_size)
+        plan = plan_packs(configs, self.pack_size, remote=self.backend == "submitit")
         log.info(plan.summary(first_job=initial_job_idx))
         returns: dict[int, JobReturn] = {}
         if self.backend == "submitit":
