@@ -206,9 +206,7 @@ def train_in_run(
             try:
                 history = fit(model, optimizer, data, cfg.trainer, generator, on_epoch_end, history, schedule)
             except (DivergenceError, interrupt.Interrupted):
-                if probe_log:
-                    probe_log.log_waiting()
-                drawn.log_all()  # the probe's figures up to the divergence or the interrupt
+                log_figures_so_far(probe_log, drawn)  # up to the divergence or the interrupt
                 raise
             if stopping.enabled and stopping.restore_best and stopping.best_epoch(history) != history[-1].epoch:
                 best.restore(model)
@@ -243,9 +241,7 @@ def test_and_log(
             model, data.test, cfg.trainer.eval_batch_size, data.num_classes, cfg.trainer.precision
         )
     if err := loss_divergence(None, test_loss=tested.loss):  # nothing of the test pass logged
-        if probe_log:
-            probe_log.log_waiting()
-        drawn.log_all()  # the probe's figures, as a run that diverged in training logs them
+        log_figures_so_far(probe_log, drawn)  # as a run that diverged in training logs them
         raise err
     log.info(f"Test >> loss {tested.loss:.5f} acc {tested.accuracy:.5f}")
     tracking.log_test(tested.loss, tested.accuracy)
@@ -254,6 +250,14 @@ def test_and_log(
         probe_log.finish(started)
     if cfg.tracking.log_model:
         tracking.log_model(model, data.test.x[:5])
+    drawn.log_all()
+
+
+def log_figures_so_far(probe_log: tracking.ProbeLog | None, drawn: Figures) -> None:
+    """What a run that fails still logs: the probe's snapshot waiting to be logged, and the figures
+    asked for so far (the probe's grids)."""
+    if probe_log:
+        probe_log.log_waiting()
     drawn.log_all()
 
 
@@ -278,7 +282,7 @@ def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSp
             for snapshot in snapshots:
                 probe_log.record(snapshot, metrics_logged=True)
             if result.error is not None:
-                drawn.log_all()
+                log_figures_so_far(probe_log, drawn)
                 raise result.error
             started = time.perf_counter() - result.train_seconds  # the pack's training is part of the run
             test_and_log(cfg, model, data, result.history, probe_log, drawn, started, result.test)

@@ -14,7 +14,7 @@ dataset, sweep, and the config of every member, in the pack's order).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def other_cuts(checkpoint_dir: Path, identity: PackIdentity) -> dict[Path, PackI
             other = PackIdentity(**{**stored, "config_hashes": tuple(stored["config_hashes"])})
         except Exception:
             continue
-        same_sweep = asdict(other) | {"config_hashes": ()} == asdict(identity) | {"config_hashes": ()}
+        same_sweep = replace(other, config_hashes=()) == replace(identity, config_hashes=())
         if other != identity and same_sweep and set(other.config_hashes) & set(identity.config_hashes):
             found[path] = other
     return found

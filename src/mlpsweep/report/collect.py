@@ -67,6 +67,11 @@ class Sweep:
         return self.runs[self.runs.status == "FINISHED"]
 
     @property
+    def failed(self) -> pd.DataFrame:
+        """The runs that did not finish (FAILED, KILLED, or left RUNNING)."""
+        return self.runs[self.runs.status != "FINISHED"]
+
+    @property
     def has_seeds(self) -> bool:
         return bool(len(self.finished)) and self.finished.groupby(self.axes or (lambda _: 0)).size().max() > 1
 
@@ -188,14 +193,13 @@ def load_sweep(client: MlflowClient, parent: Run) -> Sweep:
         )
         params.append(run.data.params)
     runs = pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status", *AXES, "seed", "test_acc"])
-    failed_runs = runs[runs.status != "FINISHED"] if len(runs) else runs
-    with_a_run = tuple(f"[{overrides}] " for overrides in failed_runs.get("overrides", []))  # listed as failed runs
-    failed_jobs = [
+    sweep = Sweep(parent, runs, histories, health, histograms, failed_jobs=[])
+    with_a_run = tuple(f"[{overrides}] " for overrides in sweep.failed.get("overrides", []))  # listed as failed runs
+    sweep.failed_jobs = [
         f"job {key.removeprefix(FAILED_JOB_TAG_PREFIX)}: {value}"
         for key, value in sorted(parent.data.tags.items())
         if key.startswith(FAILED_JOB_TAG_PREFIX) and not value.startswith(with_a_run)
     ]
-    sweep = Sweep(parent, runs, histories, health, histograms, failed_jobs)
     if len(runs):
         params = pd.DataFrame(params).fillna("")
         finished = runs.status == "FINISHED"  # failed runs do not define what is compared

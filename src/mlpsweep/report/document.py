@@ -260,7 +260,7 @@ def _method_text(tables: Tables, sweep: Sweep) -> str:
 
 def build_report(client: MlflowClient, sweep: Sweep, out: Path, tables: Tables) -> Document:
     doc = Document(out)
-    finished, failed = sweep.finished, sweep.runs[sweep.runs.status != "FINISHED"] if len(sweep.runs) else sweep.runs
+    finished, failed = sweep.finished, sweep.failed
     doc.heading(f"Sweep {sweep.name}", level=1)
     overrides = sweep.parent.data.tags.get(OVERRIDES_TAG, "")
     doc.text(
