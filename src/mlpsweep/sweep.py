@@ -62,6 +62,7 @@ from mlpsweep.tracking import (
     resolve_tracking_uri,
     server_outage,
     sqlite_database,
+    store_lock,
 )
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,9 @@ def _earlier_parents(tracking_uri: str, experiment: str, key: str) -> list[Run]:
     database = sqlite_database(tracking_uri)
     if database is not None and not database.is_file():
         return []
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
+    with store_lock(tracking_uri):  # a store another sweep is creating: opened once its migration is done
+        client = MlflowClient(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
     return client.search_runs(

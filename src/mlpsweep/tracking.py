@@ -202,7 +202,7 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
 
 
 @contextmanager
-def _store_lock(tracking_uri: str) -> Iterator[None]:
+def store_lock(tracking_uri: str) -> Iterator[None]:
     """For a SQLite store, an exclusive lock on `<database>.lock`: processes that meet a fresh
     store would otherwise race its schema migration and the experiment's creation."""
     database = sqlite_database(tracking_uri)
@@ -220,7 +220,7 @@ def _store_lock(tracking_uri: str) -> Iterator[None]:
 
 def prepare_store(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """A client of the store (created and migrated if new) and the experiment's id (created if new)."""
-    with _store_lock(tracking_uri):
+    with store_lock(tracking_uri):
         client = MlflowClient(tracking_uri)
         return client, get_or_create_experiment(client, experiment)
 
