@@ -458,6 +458,10 @@ COMPOSITION = {  # (overrides, multirun) -> the one line
     ("-m", "hydra/launcher=packed", "hydra.launcher.pack_size=abc"):
     "hydra.launcher.pack_size=abc: Value 'abc' of type 'str' could not be converted to Integer; "
     "hydra.launcher.pack_size takes an integer or null",
+    ("-m", "hydra/launcher=packed", "hydra.launcher.backend=null"): "hydra.launcher.backend=null: field "
+    "'hydra.launcher.backend' is not Optional; hydra.launcher.backend takes local or submitit",
+    ("-m", "hydra/launcher=packed", "hydra.launcher.submitit.cluster=pbs"): "hydra.launcher.submitit.cluster=pbs: "
+    "Invalid value 'pbs', expected one of [slurm, local]",
     ("-m", "hydra.sweeper.max_batch=2"): "hydra.sweeper.max_batch=2: hydra.sweeper has no key 'max_batch'; its keys: "
     "max_batch_size, _target_, params (to add a key, use +hydra.sweeper.max_batch=2)",
     ("-m", "hydra.launcher.pack_size=1,2"):

@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -427,11 +428,15 @@ TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: 
 
 
 def _takes(cause: OmegaConfBaseException) -> str:
-    """`; <key> takes an integer or null` for a value a typed field (a structured config's, as
-    Hydra's launchers and sweepers have) refused; else nothing."""
+    """`; <key> takes an integer or null` (or `local or submitit`, an enum's) for a value a typed
+    field (a structured config's, as Hydra's launchers and sweepers have) refused; else nothing."""
     parent, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
     node = parent._get_node(key) if isinstance(parent, DictConfig) and key is not None else None
-    kind = TYPE_NAMES.get(node._metadata.ref_type) if node is not None else None
+    ref_type = node._metadata.ref_type if node is not None else None
+    if isinstance(ref_type, type) and issubclass(ref_type, Enum):  # OmegaConf names them for a value not null
+        kind = " or ".join(member.name for member in ref_type) if "expected one of" not in str(cause) else None
+    else:
+        kind = TYPE_NAMES.get(ref_type)
     if kind is None:
         return ""
     return f"; {cause.full_key} takes {kind}{' or null' if node._metadata.optional else ''}"

@@ -1,9 +1,25 @@
 """The config of `hydra/launcher=packed`, registered in Hydra's ConfigStore."""
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+
+
+class Backend(StrEnum):
+    """Where the packs train: `local`, one after another in this process; `submitit`, each a task
+    of a submitit job array (hydra.launcher.submitit)."""
+
+    local = "local"
+    submitit = "submitit"
+
+
+class Cluster(StrEnum):
+    """submitit's executor: `slurm`, a SLURM job array; `local`, a process per task (for tests)."""
+
+    slurm = "slurm"
+    local = "local"
 
 
 @dataclass
@@ -12,7 +28,7 @@ class SubmititConf:
     task of a submitit job array, with the settings of the `slurm` launcher preset."""
 
     # slurm: a SLURM job array; local: submitit's local executor (a process per task, for tests)
-    cluster: str = "slurm"
+    cluster: Cluster = Cluster.slurm
     # the SLURM partition (queue) to submit to
     partition: Optional[str] = None
     # GPUs per task (each task trains one pack on one node); trainer.device=auto then picks CUDA
@@ -33,7 +49,7 @@ class PackedLauncherConf:
     pack_size: Optional[int] = None
     # local: the packs train one after another in this process; submitit: each is a task of a
     # submitit job array (hydra.launcher.submitit)
-    backend: str = "local"
+    backend: Backend = Backend.local
     submitit: SubmititConf = field(default_factory=SubmititConf)
 
 

@@ -19,17 +19,16 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from hydra_plugins.mlpsweep_packed_launcher.config import Backend, Cluster
 from mlpsweep import interrupt
 from mlpsweep.config import require
 from mlpsweep.packed import MemberResult, member_result
 from mlpsweep.packing import Unit, composed, forget_pack, plan_packs, train_pack
 
 log = logging.getLogger(__name__)
-BACKENDS = ("local", "submitit")
-CLUSTERS = ("slurm", "local")
 
 
-def check_settings(pack_size: int | None, backend: str, submitit: Any) -> None:
+def check_settings(pack_size: int | None, backend: Backend, submitit: Any) -> None:
     """ConfigError for a launcher setting out of its range (the sweep checks them before it starts)."""
     whole = isinstance(pack_size, int) and not isinstance(pack_size, bool)
     require(
@@ -38,10 +37,10 @@ def check_settings(pack_size: int | None, backend: str, submitit: Any) -> None:
         pack_size,
         "null or an integer of at least 1",
     )
-    require(backend in BACKENDS, "hydra.launcher.backend", backend, " or ".join(BACKENDS))
-    if backend == "submitit":
+    require(backend in list(Backend), "hydra.launcher.backend", backend, " or ".join(Backend))
+    if backend == Backend.submitit:
         require(
-            submitit.cluster in CLUSTERS, "hydra.launcher.submitit.cluster", submitit.cluster, " or ".join(CLUSTERS)
+            submitit.cluster in list(Cluster), "hydra.launcher.submitit.cluster", submitit.cluster, " or ".join(Cluster)
         )
         # the default is measured on the launching machine, not on the nodes that train the packs
         require(
@@ -53,7 +52,7 @@ def check_settings(pack_size: int | None, backend: str, submitit: Any) -> None:
 
 
 class PackedLauncher(Launcher):
-    def __init__(self, pack_size: int | None = None, backend: str = "local", submitit: Any = None) -> None:
+    def __init__(self, pack_size: int | None = None, backend: Backend = Backend.local, submitit: Any = None) -> None:
         super().__init__()
         check_settings(pack_size, backend, submitit)
         self.pack_size = pack_size
@@ -74,10 +73,10 @@ class PackedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = [self._compose(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
-        plan = plan_packs(configs, self.pack_size, remote=self.backend == "submitit")
+        plan = plan_packs(configs, self.pack_size, remote=self.backend == Backend.submitit)
         log.info(plan.summary(first_job=initial_job_idx))
         returns: dict[int, JobReturn] = {}
-        if self.backend == "submitit":
+        if self.backend == Backend.submitit:
             results = self._submit([list(o) for o in job_overrides], plan.units, initial_job_idx)
             for unit, unit_returns in zip(plan.units, results):
                 returns.update(zip(unit.jobs, unit_returns))
@@ -105,7 +104,7 @@ class PackedLauncher(Launcher):
         results = None
         if pack is not None:
             nums = {c.hydra.job.num for c in sweep_configs}
-            ahead = [self.backend == "local" and c.hydra.job.num in nums for c in pack]
+            ahead = [self.backend == Backend.local and c.hydra.job.num in nums for c in pack]
             trained = train_pack(pack, ahead)
             results = {c.hydra.job.num: r for c, r in zip(pack, trained, strict=True)} if trained else None
         returns = []
