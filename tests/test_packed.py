@@ -570,6 +570,40 @@ def test_ctrl_c_during_a_packs_training_and_resume_continues_the_pack(tiny_mnist
 
 
 @pytest.mark.slow
+def test_a_job_resumed_alone_names_the_checkpoint_of_its_old_pack_and_removes_it(
+    tiny_mnist_root: Path, tmp_path: Path
+) -> None:
+    """A pack interrupted while it trains, resumed with pack_size=1: each job trains alone from
+    epoch 0, the log names the pack's checkpoint (resume with the old pack_size continues it), and
+    the file goes once the jobs have run."""
+    sweep = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=packed", "seed=0,1",
+             *tiny_overrides(tiny_mnist_root, tmp_path), "trainer.max_epochs=300", "depth.widths=[16]",
+             "probe.enabled=false"]  # fmt: skip
+    process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (checkpoints := list((tmp_path / "checkpoints").glob("pack-*.pt"))):
+        assert process.poll() is None and time.monotonic() < deadline, "the pack wrote no checkpoint"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+
+    resumed = train_py([*sweep[2:], "resume=true", "hydra.launcher.pack_size=1"], tmp_path)
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-3000:]
+    for job in (0, 1):
+        assert (
+            f"resume: {checkpoints[0]} holds job #{job} in a pack of 2; the job now runs alone "
+            "(hydra.launcher.pack_size=1) from epoch 0" in log
+        ), log[-3000:]
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment = client.get_experiment_by_name("mlpsweep").experiment_id
+    children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
+    assert sorted((r.info.status, r.data.params["train_step"]) for r in children) == [("FINISHED", "backprop")] * 2
+    assert not any((tmp_path / "checkpoints").glob("pack-*"))
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_a_pack_is_logged_and_resume_logs_the_rest_from_its_checkpoint(
     tiny_mnist_root: Path, tmp_path: Path
 ) -> None:

@@ -32,6 +32,7 @@ from mlpsweep.packed import Member, MemberResult, PackedTrainer, pack_key, unpac
 
 log = logging.getLogger(__name__)
 
+INVALID = "its config is invalid (its job says why)"  # why a job runs alone
 # the share of the device's free memory (GPU) or of the free RAM (CPU) that packs may fill by default
 MEMORY_SHARE = 0.5
 
@@ -45,6 +46,7 @@ class Unit:
     # a packed unit's whole pack: its jobs, and under resume=true the jobs of its pack that were
     # logged before an interrupt, whose checkpoint (of the whole pack) gives the others their results
     pack: list[int] = field(default_factory=list)
+    resumed: bool = False  # a job alone that resume=true skips, or that continues its own run
 
     def __post_init__(self) -> None:
         if self.packed and not self.pack:
@@ -122,7 +124,7 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None, remot
         try:
             device = check_job_inputs(cfg)
         except INPUT_ERRORS:
-            units.append(Unit([i], reason="its config is invalid (its job says why)"))
+            units.append(Unit([i], reason=INVALID))
             continue
         if (reason := unpackable(cfg)) is not None:
             units.append(Unit([i], reason=reason))
@@ -147,7 +149,7 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None, remot
             checkpointed = bool(taken) and has_checkpoint([sweep_configs[i] for i in cut])
             if checkpointed:
                 taken = [i for i in taken if i in finished]
-            units += [Unit([i], reason=resumed[i]) for i in taken]
+            units += [Unit([i], reason=resumed[i], resumed=True) for i in taken]
             chunk = [i for i in cut if i not in taken]
             if checkpointed and chunk:
                 units.append(Unit(chunk, pack=cut))
@@ -222,6 +224,22 @@ def forget_pack(sweep_configs: Sequence[DictConfig]) -> None:
     checkpoint, identity = checkpoint_of(sweep_configs)
     for path in [checkpoint, *other_cuts(checkpoint.parent, identity)]:
         path.unlink(missing_ok=True)
+
+
+def warn_of_old_cuts(sweep_configs: Sequence[DictConfig], plan: PackPlan) -> None:
+    """Under resume=true, name the checkpoints of packs cut otherwise before that hold a job which
+    now trains alone from epoch 0 (resume_pack names those of a job packed otherwise)."""
+    for unit in plan.units:
+        sweep_config = sweep_configs[unit.jobs[0]]
+        if unit.packed or unit.resumed or not sweep_config.resume or unit.reason == INVALID:
+            continue
+        checkpoint, identity = checkpoint_of([sweep_config])
+        for path, other in other_cuts(checkpoint.parent, identity).items():
+            log.warning(
+                f"resume: {path} holds job #{sweep_config.hydra.job.num} in a pack of {len(other.config_hashes)}; "
+                f"the job now runs alone ({unit.reason}) from epoch 0 (resume with the interrupted sweep's "
+                "pack_size to continue that pack)"
+            )
 
 
 def resume_pack(checkpoint: Path, identity: PackIdentity, trainer: PackedTrainer) -> None:

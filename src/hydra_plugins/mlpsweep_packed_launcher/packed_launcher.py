@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
@@ -23,7 +23,7 @@ from hydra_plugins.mlpsweep_packed_launcher.config import Backend, Cluster
 from mlpsweep import interrupt
 from mlpsweep.config import require
 from mlpsweep.packed import MemberResult, member_result
-from mlpsweep.packing import Unit, composed, forget_pack, plan_packs, train_pack
+from mlpsweep.packing import Unit, composed, forget_pack, plan_packs, train_pack, warn_of_old_cuts
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class PackedLauncher(Launcher):
         configs = [self._compose(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
         plan = plan_packs(configs, self.pack_size, remote=self.backend == Backend.submitit)
         log.info(plan.summary(first_job=initial_job_idx))
+        warn_of_old_cuts(configs, plan)
         returns: dict[int, JobReturn] = {}
         if self.backend == Backend.submitit:
             results = self._submit([list(o) for o in job_overrides], plan.units, initial_job_idx)
@@ -100,7 +101,8 @@ class PackedLauncher(Launcher):
     def _run_unit(self, sweep_configs: list[DictConfig], pack: list[DictConfig] | None) -> list[JobReturn]:
         """Train the unit's pack (its jobs, or with the jobs of its pack logged before an interrupt:
         see packing.Unit), or nothing for a job that runs alone; then run each of its jobs. The
-        pack's checkpoint goes once every job has run, unless an interrupt stopped them."""
+        pack's checkpoint goes once every job has run, unless an interrupt stopped them; a job
+        alone that completed takes with it the checkpoints of packs it was cut into before."""
         results = None
         if pack is not None:
             nums = {c.hydra.job.num for c in sweep_configs}
@@ -117,8 +119,11 @@ class PackedLauncher(Launcher):
             for result in (results or {}).values():
                 if result.figures is not None:
                     result.figures.close()
-        if pack is not None and interrupt.requested() is None:  # a submitit task's stopped jobs return
-            forget_pack(pack)
+        if interrupt.requested() is None:  # a submitit task's stopped jobs return
+            if pack is not None:
+                forget_pack(pack)
+            elif returns[0].status == JobStatus.COMPLETED:  # the checkpoints of packs it was cut into before
+                forget_pack(sweep_configs)
         return returns
 
     def _run(self, sweep_config: DictConfig, result: MemberResult | None) -> JobReturn:
