@@ -27,6 +27,8 @@ from mlpsweep.report import (
     safe_name,
     write_report,
 )
+from mlpsweep.report.analysis import AXES
+from mlpsweep.report.collect import swept_axes
 from mlpsweep.stats import summarize, welch_difference
 from mlpsweep.tracking import (
     CONFIG_HASH_TAG,
@@ -384,3 +386,17 @@ def test_a_resumed_sweep_reports_one_run_per_config(tmp_path: Path) -> None:
     sweep = load_sweep(client, client.get_run(parent.info.run_id))
     assert len(sweep.runs) == 3
     assert sorted(sweep.runs.status) == ["FAILED", "FINISHED", "FINISHED"]
+
+
+def test_what_cannot_change_a_result_is_never_a_swept_axis() -> None:
+    """A sweep resumed part way (`resume` false for some runs, true for the others) or run with
+    other threads is not an experiment over those: only what defines a config is an axis."""
+    runs = pd.DataFrame({axis: ["x"] * 4 for axis in AXES} | {"activation": ["relu", "tanh"] * 2})
+    params = pd.DataFrame({
+        "resume": ["False", "False", "True", "True"],
+        "trainer.num_threads": ["1", "2", "1", "2"],
+        "trainer.checkpoint_dir": ["a", "b", "a", "b"],
+        "tracking.uri": ["sqlite:///a.db", "sqlite:///b.db"] * 2,
+        "optimizer.lr": ["0.1", "0.1", "0.01", "0.01"],
+    })  # fmt: skip
+    assert swept_axes(runs, params) == ["activation", "optimizer.lr"]

@@ -17,6 +17,7 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from mlpsweep.checkpoint import NOT_HASHED
 from mlpsweep.checks import check_tracking_server, check_tracking_uri, uri_scheme
 from mlpsweep.config import ConfigError
 from mlpsweep.engine import metric_key
@@ -32,8 +33,10 @@ from mlpsweep.tracking import (
 
 # the per-epoch metrics of a run's history, by name (columns; their MLflow keys: metric_key)
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s")
-# params that never define a config: bookkeeping (how a run was computed), and the long forms of the axes
-IGNORED_PARAMS = re.compile(rf"^(seed|num_params|train_step|tracking\..*|data\.root|data\.download|({'|'.join(AXES)})\..*)$")
+# params that never define a config: bookkeeping (how a run was computed; what config_hash leaves
+# out, e.g. `resume`, which cannot change a result), and the long forms of the axes
+_BOOKKEEPING = ("seed", "num_params", "train_step", *NOT_HASHED)
+IGNORED_PARAMS = re.compile(rf"^(({'|'.join(map(re.escape, _BOOKKEEPING))})(\..*)?|({'|'.join(AXES)})\..*)$")
 # what runs logged before an axis existed trained with: PyTorch's default init, no scheduler
 LEGACY_AXES = {"init": "default", "scheduler": "none"}
 # the probe's per-epoch metrics: saturated/dead fractions and (newer runs) gradient norms, per hidden layer
