@@ -161,13 +161,19 @@ def test_a_cuda_pack_is_one_graph_and_matches_solo_cuda_runs(tiny_cfg: Callable[
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_adam_and_adamw_members_match_their_solo_runs(tiny_cfg: Callable[..., DictConfig], optimizer: str) -> None:
-    """Without batch norm: the bias of a Linear before a batch norm has a gradient of zero up to
-    rounding, which Adam scales up to steps of the learning rate, so such biases (and the running
-    means that follow them) take another random walk in any other summation order, solo runs too."""
+    """Each member its own weight decay, in the gradient (L2) or decoupled (AdamW's, and Adam's with
+    decoupled_weight_decay=true). Without batch norm: the bias of a Linear before a batch norm has
+    a gradient of zero up to rounding, which Adam scales up to steps of the learning rate, so such
+    biases (and the running means that follow them) take another random walk in any other
+    summation order (README: Packed sweeps)."""
     cfgs = [
-        tiny_cfg(*STEPS, "probe.enabled=false", f"optimizer={optimizer}", f"seed={seed}", f"optimizer.lr={lr}", norm)
-        for seed, lr, norm in [(0, 1e-3, "norm=none"), (1, 3e-3, "norm=layernorm")]
-    ]
+        tiny_cfg(*STEPS, "probe.enabled=false", f"optimizer={optimizer}", f"seed={seed}", f"optimizer.lr={lr}", *more)
+        for seed, lr, *more in [
+            (0, 1e-3, "norm=none"),
+            (1, 3e-3, "norm=layernorm", "optimizer.weight_decay=0.05"),
+            (2, 3e-3, "norm=none", "optimizer.weight_decay=0.05", *(["+optimizer.decoupled_weight_decay=true"] if optimizer == "adam" else [])),
+        ]
+    ]  # fmt: skip
     for cfg, result in zip(cfgs, pack(cfgs), strict=True):
         assert_same_run(result, *solo(cfg))
 
@@ -379,21 +385,25 @@ def test_plan_packs_groups_by_shape_and_says_why_a_job_runs_alone(tiny_cfg: Call
         tiny_cfg("depth.widths=[32]"),
         tiny_cfg("optimizer=adam"),
         tiny_cfg("norm=batchnorm", "+norm.track_running_stats=false"),
+        tiny_cfg("optimizer=adam", "+optimizer.amsgrad=true", "seed=1"),
         tiny_cfg("seed=5", "trainer.device=auto"),  # the CPU here, or a GPU
     ]
     hydra_node = {"hydra": {}}
     configs = [DictConfig({**cfg, **hydra_node}) for cfg in sweep]
     plan = plan_packs(configs, pack_size=3)
     packs = [unit.jobs for unit in plan.units if unit.packed]
-    assert packs == ([[0, 1, 2], [3, 4]] if torch.cuda.is_available() else [[0, 1, 2], [3, 4, 9]])
+    assert packs == ([[0, 1, 2], [3, 4]] if torch.cuda.is_available() else [[0, 1, 2], [3, 4, 10]])
     remote = [unit.jobs for unit in plan_packs(configs, pack_size=3, remote=True).units if unit.packed]
     assert remote == [[0, 1, 2], [3, 4]]  # a submitit task's machine resolves `auto` itself
     reasons = {unit.jobs[0]: unit.reason for unit in plan.units if not unit.packed}
     assert "fast_step=false" in reasons[5]
     assert "no other job" in reasons[6] and "no other job" in reasons[7]
     assert "running statistics" in reasons[8]
-    on_cpu = "10 jobs: 6 in 2 packs (3, 3), 4 alone"
-    assert ("10 jobs: 5 in 2 packs (3, 2), 5 alone" if torch.cuda.is_available() else on_cpu) in plan.summary()
+    assert reasons[9] == "optimizer.amsgrad=True has no packed update"  # another adam: the amsgrad one alone
+    on_cpu = "11 jobs: 6 in 2 packs (3, 3), 5 alone"
+    assert ("11 jobs: 5 in 2 packs (3, 2), 6 alone" if torch.cuda.is_available() else on_cpu) in plan.summary()
+    even = [unit.jobs for unit in plan_packs(configs[:5], pack_size=4).units]
+    assert even == [[0, 1, 2], [3, 4]]  # packs as even as can be: no job left over to train alone (4, 1)
     assert "\tjob #15 runs alone: trainer.fast_step=false" in plan.summary(first_job=10)  # a later batch's numbers
 
 

@@ -27,6 +27,7 @@ the member's own Hydra job to log as an ordinary child run.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +41,14 @@ from torch import Tensor, nn
 from mlpsweep import interrupt
 from mlpsweep.data import DataSplits, Split
 from mlpsweep.early_stopping import BestWeights, EarlyStopping
-from mlpsweep.engine import DIVERGENCE_CHECK_EVERY, DivergenceError, EpochMetrics, Evaluation, loss_divergence
+from mlpsweep.engine import (
+    DIVERGENCE_CHECK_EVERY,
+    OPTIMIZERS,
+    DivergenceError,
+    EpochMetrics,
+    Evaluation,
+    loss_divergence,
+)
 from mlpsweep.probe import ActivationProbe, Snapshot
 from mlpsweep.rendering import Figures
 from mlpsweep.schedulers import Schedule, current_lr
@@ -50,6 +58,9 @@ log = logging.getLogger(__name__)
 
 # the optimizers whose update PackedOptimizer applies
 PACKED_OPTIMIZERS = ("sgd", "adam", "adamw")
+# the optimizer settings PackedOptimizer reads from each member's parameter group; any other set
+# to what its torch.optim class does not do by default has no packed update
+PACKED_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "decoupled_weight_decay")
 
 
 def pack_key(cfg: DictConfig) -> str:
@@ -76,8 +87,10 @@ def unpackable(cfg: DictConfig) -> str | None:
         return "trainer.fast_step=false asks for the eager autograd step"
     if cfg.optimizer.name not in PACKED_OPTIMIZERS:
         return f"optimizer {cfg.optimizer.name} has no packed update"
-    if cfg.optimizer.get("amsgrad") or cfg.optimizer.get("maximize"):
-        return "amsgrad and maximize have no packed update"
+    defaults = inspect.signature(OPTIMIZERS[cfg.optimizer.name].__init__).parameters
+    for key, value in cfg.optimizer.items():
+        if key not in ("name", *PACKED_SETTINGS) and key in defaults and value != defaults[key].default:
+            return f"optimizer.{key}={value} has no packed update"
     norm = cfg.norm
     if norm.name == "batchnorm" and (
         norm.get("momentum", 0.1) is None or not norm.get("affine", True) or not norm.get("track_running_stats", True)
@@ -379,10 +392,10 @@ def _linear_stacked(a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 class PackedOptimizer:
     """torch.optim's SGD (momentum, dampening, Nesterov, weight decay), Adam or AdamW (L2 or
-    decoupled weight decay) over stacked tensors, every hyper-parameter a [P] tensor on the device,
-    so that a CUDA graph reads the current values and each member keeps its own."""
+    decoupled weight decay, each member its own) over stacked tensors, every hyper-parameter a [P]
+    tensor on the device, so that a CUDA graph reads the current values and each member keeps its own."""
 
-    HYPERS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps")
+    HYPERS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "decoupled")
 
     def __init__(self, kind: str, params: Sequence[Tensor], size: int, device: torch.device) -> None:
         self.kind = kind
@@ -420,6 +433,7 @@ class PackedOptimizer:
             values["beta1"].append(float(betas[0]))
             values["beta2"].append(float(betas[1]))
             values["eps"].append(float(group.get("eps", 0.0)))
+            values["decoupled"].append(float(bool(group.get("decoupled_weight_decay", False))))  # AdamW's is true
         for name, tensor in self.hypers.items():
             tensor.copy_(torch.tensor(values[name], dtype=torch.float64), non_blocking=True)
         if self.momentum is None:
@@ -461,11 +475,12 @@ class PackedOptimizer:
         beta1, beta2 = self.hypers["beta1"], self.hypers["beta2"]
         step_size = lr / (1 - beta1**self.steps)
         bias_second_root = (1 - beta2**self.steps).sqrt()
+        decoupled = self.hypers["decoupled"]
         for param, grad, first, second in zip(self.params, grads, self.state, self.second, strict=True):
-            if self.kind == "adamw":
-                param.mul_(self._shaped(1 - lr * weight_decay, param))
-            else:
-                grad = grad + self._shaped(weight_decay, param) * param
+            if self.weight_decay:  # each member's as torch.optim's Adam applies it: decoupled (a factor
+                # of 1 for the other members), or L2 in the gradient (a term of 0 for the others)
+                param.mul_(self._shaped(1 - lr * weight_decay * decoupled, param))
+                grad = grad + self._shaped(weight_decay * (1 - decoupled), param) * param
             first.lerp_(grad, self._shaped(1 - beta1, param))
             second.mul_(self._shaped(beta2, param)).addcmul_(grad, grad * self._shaped(1 - beta2, param))
             denom = second.sqrt() / self._shaped(bias_second_root, param) + self._hyper("eps", param)

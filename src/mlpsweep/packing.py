@@ -104,7 +104,8 @@ def task_config(sweep_config: DictConfig) -> DictConfig:
 
 def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None, remote: bool = False) -> PackPlan:
     """Group the jobs that can share a stacked network (same `pack_key` and device) into packs of at
-    most `pack_size` (None: as many as fit, `fitting_pack_size`), in the order of their first job;
+    most `pack_size` (None: as many as fit, `fitting_pack_size`), as even as can be (`even_cuts`),
+    in the order of their first job;
     every other job is a unit of its own with the reason it runs alone. The device is the one each
     job's `trainer.device` resolves to here (`cpu` and `auto` pack together on a machine without a
     GPU), and where the packs train on other machines (`remote`: submitit tasks) also as written.
@@ -141,8 +142,7 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None, remot
         devices[key] = device
     for key, jobs in groups.items():
         size = max(1, pack_size or fitting_pack_size(task_config(sweep_configs[jobs[0]]), devices[key]))
-        for start in range(0, len(jobs), size):
-            cut = jobs[start : start + size]
+        for cut in even_cuts(jobs, size):
             taken = [i for i in cut if i in resumed]
             # a pack that left a checkpoint (one that had trained, when its jobs had begun to log):
             # the jobs of it not finished go on from there, its finished ones not logged again
@@ -162,6 +162,16 @@ def plan_packs(sweep_configs: Sequence[DictConfig], pack_size: int | None, remot
     return PackPlan(sorted(units, key=lambda unit: unit.jobs[0]))
 
 
+def even_cuts(jobs: list[int], size: int) -> list[list[int]]:
+    """`jobs` in as few packs of at most `size` as there can be, their sizes as even as can be (7
+    jobs in packs of at most 3: 3, 2, 2, not 3, 3, 1; a job is left over alone only where no cut
+    avoids it, as 3 jobs in packs of 2)."""
+    packs = -(-len(jobs) // size)
+    small, bigger = divmod(len(jobs), packs)
+    bounds = [0, *itertools.accumulate(small + (i < bigger) for i in range(packs))]
+    return [jobs[start:stop] for start, stop in itertools.pairwise(bounds)]
+
+
 def _why_alone(group: int, size: int, cut: int) -> str:
     """Why the one job left of a pack of `cut` jobs, cut from a group of `group` in packs of `size`, runs alone."""
     if group == 1:
@@ -170,7 +180,7 @@ def _why_alone(group: int, size: int, cut: int) -> str:
         return "hydra.launcher.pack_size=1"
     if cut > 1:
         return "the other jobs of its pack finished or continue their own runs (resume=true)"
-    return f"the job left over from its group's packs of {size}"
+    return f"the job left over from its group's packs of at most {size}"
 
 
 def fitting_pack_size(cfg: DictConfig, device: torch.device, in_features: int = 784, classes: int = 10) -> int:
