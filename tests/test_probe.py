@@ -12,6 +12,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import TINY_TEST, compose_config, sqlite_uri
@@ -133,6 +134,25 @@ def test_a_figure_worker_imports_matplotlib_not_torch_or_mlflow(tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["matplotlib"]
     assert (tmp_path / "norms.png").stat().st_size > 1000
+
+
+def test_figure_workers_end_with_the_process_that_started_them_even_killed(tmp_path: Path) -> None:
+    """SIGKILL closes no pool: the workers (spawned, each with the pool's queues open) notice that
+    their parent is gone and end, instead of waiting for figures forever."""
+    parent = (
+        "import sys, time; from mlpsweep import rendering; pool = rendering.worker_pool(every_core=True); "
+        "futures = [pool.submit(rendering.draw, 'gradient_norms', ({0: {'h': 1.0}}, 't'), f'{sys.argv[1]}/{i}.png', None)"
+        " for i in range(2)]; [f.result() for f in futures]; "
+        "print(*[p.pid for p in pool._processes.values()], flush=True); time.sleep(300)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    workers = [psutil.Process(int(pid)) for pid in process.stdout.readline().split()]
+    assert workers and all(worker.is_running() for worker in workers)
+    process.kill()
+    process.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, [worker.pid for worker in alive]
 
 
 def _layer(rng: np.random.Generator, scale: float, stages: tuple[str, ...]) -> dict[str, Any]:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
 import tempfile
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -63,6 +65,21 @@ def draw(drawing: str, args: tuple[Any, ...], path: str, dpi: float | None) -> s
     return path
 
 
+def _start_worker() -> None:
+    """A figure worker ignores Ctrl-C (it reaches the whole process group: the job decides what
+    stops), and ends when the process that started it is gone, even killed (SIGKILL closes no
+    pool): it would otherwise wait for figures forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+
+
+def _exit_with(parent_sentinel: int) -> None:
+    multiprocessing.connection.wait([parent_sentinel])  # ready once the parent has ended
+    os._exit(1)
+
+
 def worker_pool(every_core: bool) -> ProcessPoolExecutor:
     """The process's figure workers, started on first use (spawned: no copy of torch's threads or
     CUDA): one per core, or for half the cores where jobs train while they draw."""
@@ -71,9 +88,7 @@ def worker_pool(every_core: bool) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(
             max_workers=max(1, min(4, cores if every_core else cores // 2)),
             mp_context=multiprocessing.get_context("spawn"),
-            # a worker ignores Ctrl-C (it reaches the whole process group): the job decides what stops
-            initializer=signal.signal,
-            initargs=(signal.SIGINT, signal.SIG_IGN),
+            initializer=_start_worker,
         )
         atexit.register(pool.shutdown, wait=True, cancel_futures=True)
         _pools[every_core] = pool
