@@ -141,8 +141,9 @@ def test_figure_workers_end_with_the_process_that_started_them_even_killed(tmp_p
     their parent is gone and end, instead of waiting for figures forever."""
     parent = (
         "import sys, time; from mlpsweep import rendering; pool = rendering.worker_pool(every_core=True); "
-        "futures = [pool.submit(rendering.draw, 'gradient_norms', ({0: {'h': 1.0}}, 't'), f'{sys.argv[1]}/{i}.png', None)"
-        " for i in range(2)]; [f.result() for f in futures]; "
+        "args = ({0: {'h': 1.0}}, 't'); "
+        "futures = [pool.submit(rendering.draw, 'gradient_norms', args, f'{sys.argv[1]}/{i}.png', None) for i in (0, 1)]; "
+        "[f.result() for f in futures]; "
         "print(*[p.pid for p in pool._processes.values()], flush=True); time.sleep(300)"
     )
     process = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path)], stdout=subprocess.PIPE, text=True)
