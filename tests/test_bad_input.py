@@ -110,6 +110,20 @@ def test_cli_sweep_checks_every_job_before_tracking_anything(tiny_mnist_root: Pa
 
 
 @pytest.mark.slow
+def test_cli_sweep_over_where_it_tracks_stops_before_tracking_anything(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """A job tracked into another experiment (or store, or sweep name) than its sweep's would not
+    be a child of the sweep's parent run: the sweep would end with none of its configs finished."""
+    sweep = ["tracking.experiment=mlpsweep,other", f"hydra.sweep.dir={tmp_path / 'm'}"]
+    result = run_cli(["--multirun", *tiny_overrides(tiny_mnist_root, tmp_path), *sweep], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "job 0 " not in output and re.search(
+        r"job 1 \[.*tracking.experiment=other.*\]: tracking.experiment='other': must be the sweep's own \('mlpsweep'\)", output
+    )
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
 def test_cli_sweep_against_an_unreachable_server_stops_before_any_job(tiny_mnist_root: Path, tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{closed_port()}"
     overrides = [*tiny_overrides(tiny_mnist_root), "activation=relu,tanh", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'm'}"]

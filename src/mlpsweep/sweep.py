@@ -34,7 +34,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from hydra_plugins.mlpsweep_adaptive_seeds.adaptive_seeds_sweeper import AdaptiveSeedsSweeper
@@ -159,6 +159,7 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
                     packing.keep_composed(overrides, sweep_config)
                 cfg = packing.task_config(sweep_config)
                 check_job_inputs(cfg)
+                require_sweep_wide(config, cfg)
                 if expected is not None:
                     expected.add(config_hash(cfg))
             except (*INPUT_ERRORS, HydraException, OmegaConfBaseException) as err:
@@ -170,6 +171,22 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
         else:
             os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml_check
     return problems, expected
+
+
+# where a sweep tracks: its parent run's store, experiment and name, the same for each of its jobs
+SWEEP_WIDE = ("tracking.uri", "tracking.experiment", "tracking.sweep_name")
+
+
+def require_sweep_wide(config: DictConfig, cfg: DictConfig) -> None:
+    """ConfigError for a job (`cfg`) that tracks elsewhere than its sweep (`config`) does: its run
+    would not be the parent run's child (a sweep over tracking.experiment, say)."""
+    for key in SWEEP_WIDE:
+        own, value = OmegaConf.select(config, key), OmegaConf.select(cfg, key)
+        allowed = (
+            f"the sweep's own ({'null' if own is None else repr(own)}): a sweep's jobs are children of its one "
+            f"parent run, in its store and experiment, under its name; run a sweep for each {key.split('.')[1]}"
+        )
+        require(value == own, key, value, allowed)
 
 
 def identity_overrides(overrides: list[str]) -> list[str]:
