@@ -177,7 +177,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, precision: str = "
     loss_sum = torch.zeros((), device=split.x.device)
     correct = torch.zeros((), device=split.x.device, dtype=torch.long)
     for logits, y in _eval_batches(model, split, batch_size, precision):
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")  # bf16 logits: summed in float32
         correct += (logits.argmax(dim=1) == y).sum()
     return loss_sum.item() / len(split), correct.item() / len(split)
 
@@ -199,7 +199,7 @@ def evaluate_with_confusion(
     loss_sum = torch.zeros((), device=split.x.device)
     counts = torch.zeros(num_classes * num_classes, device=split.x.device, dtype=torch.long)
     for logits, y in _eval_batches(model, split, batch_size, precision):
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         counts += torch.bincount(y * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
     confusion = counts.reshape(num_classes, num_classes).cpu()
     return Evaluation(loss_sum.item() / len(split), confusion.diagonal().sum().item() / len(split), confusion)
