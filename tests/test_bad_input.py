@@ -136,7 +136,7 @@ def test_cli_sweep_against_an_unreachable_server_stops_before_any_job(tiny_mnist
 
 # --- every key a user can set: in-process, one line naming the key, the value and what is allowed ---
 
-URI_ALLOWED = "must be a sqlite:///, http(s)://, postgresql://, mysql:// or file: URI"
+URI_ALLOWED = "must be a sqlite:///, http(s)://, postgresql:// or mysql:// URI"
 BAD_VALUES = {  # overrides (space-separated) -> the whole message (its start, where torch's argument lists follow)
     "activation=leaky_relu activation.negative_slope=-0.1":
         "activation.negative_slope=-0.1: must be a non-negative number",
@@ -254,10 +254,11 @@ def test_every_problem_is_reported_one_line_each(tiny_cfg: Callable[..., DictCon
 # --- the tracking store's URI --------------------------------------------------------------------
 
 USABLE_URIS = [
-    "sqlite:///mlflow.db", "sqlite:////abs/mlflow.db", "http://host:5000", "https://host/mlflow", "file:///tmp/mlruns",
-    "file:mlruns", "/tmp/mlruns", "mlruns", "postgresql://u:p@host/db", "postgresql+psycopg2://u@host/db",
+    "sqlite:///mlflow.db", "sqlite:////abs/mlflow.db", "http://host:5000", "https://host/mlflow",
+    "postgresql://u:p@host/db", "postgresql+psycopg2://u@host/db",
     "mysql://u@host/db", "mysql+pymysql://u@host/db", "mssql+pyodbc://u@host/db", "databricks", "databricks://profile",
 ]  # fmt: skip
+FILE_STORES = ["file:///tmp/mlruns", "file:mlruns", "/tmp/mlruns", "mlruns"]  # MLflow 3 refuses them by default
 UNUSABLE_URIS = [
     "bogus://x", "s3://bucket/path", "sqlite://mlflow.db", "sqlite:mlflow.db", "postgres://u@host/db", "ftp://host/x",
     "mysql+://host",
@@ -266,6 +267,17 @@ UNUSABLE_URIS = [
 
 @pytest.mark.parametrize("uri", USABLE_URIS)
 def test_usable_tracking_uris(uri: str) -> None:
+    check_tracking_uri(uri)
+
+
+@pytest.mark.parametrize("uri", FILE_STORES)
+def test_a_file_store_is_refused_unless_mlflow_allows_it(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow 3 raises on a folder store (after the run had started); MLFLOW_ALLOW_FILE_STORE opts in."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    refused = f"tracking.uri='{uri}': {URI_ALLOWED} (a folder, file: or a plain path, is a store MLflow 3 refuses"
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        check_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     check_tracking_uri(uri)
 
 

@@ -28,6 +28,7 @@ from mlpsweep.report import (
     write_report,
 )
 from mlpsweep.report.analysis import AXES
+from mlpsweep.report.document import REPORT_FILES
 from mlpsweep.report.collect import swept_axes
 from mlpsweep.stats import summarize, welch_difference
 from mlpsweep.tracking import (
@@ -214,7 +215,7 @@ def test_report_of_a_real_sweep(real_sweep: tuple[Path, subprocess.CompletedProc
     result = subprocess.run(report, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "reports" / "real-sweep"
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "runs.csv", "cells.csv", "anova.csv", "effects.csv", "figures"}
+    assert {p.name for p in out.iterdir()} == {*REPORT_FILES, "figures", ".sweep_run_id"}
     assert {p.stem for p in (out / "figures").iterdir()} >= {
         "marginal_activation", "marginal_norm", "learning_curves", "generalization_gap", "activation_histograms",
         "probe_health", "confusion_best", "main_effects", "interaction_activation_norm", "probe_health_by_activation",
@@ -290,8 +291,9 @@ def test_bad_report_arguments(
     ],
 )
 def test_a_missing_store_is_not_created(
-    store: str, path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store: str, path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder store, where MLflow is allowed to read one
     uri = store.format(tmp=tmp_path)
     line = report_fails(["--tracking-uri", uri, "--out", str(tmp_path / "reports")], capsys)
     assert line.endswith(f"error: --tracking-uri={uri!r}: {MISSING_STORE} {path.format(tmp=tmp_path)} does not exist")
@@ -313,7 +315,7 @@ def test_an_unusable_store_uri(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
     line = report_fails(["--out", str(tmp_path / "reports")], capsys)
-    allowed = "must be a sqlite:///, http(s)://, postgresql://, mysql:// or file: URI"
+    allowed = "must be a sqlite:///, http(s)://, postgresql:// or mysql:// URI"
     assert line.endswith(f"error: $MLFLOW_TRACKING_URI='bogus://x': {allowed}")
     assert list(tmp_path.iterdir()) == []
 
@@ -353,6 +355,32 @@ def test_a_sweep_name_is_never_a_path(name: str, tmp_path: Path) -> None:
     assert out.parent == tmp_path / "reports" and (out / "report.md").is_file()
     assert out.name not in ("", ".", "..") and len(out.name) <= MAX_NAME and not out.name.startswith(("-", "."))
     assert out.name == (parent.info.run_id if name in ("..", ".") else safe_name(name, "unused"))
+
+
+def test_sweeps_whose_names_meet_in_one_folder_keep_their_reports_apart(tmp_path: Path) -> None:
+    """`a/b` and `a b` are both `a_b` as folder names: the second report goes to a folder of its
+    own, and each parent run gets its own files; a report written again clears its earlier one."""
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment_id = get_or_create_experiment(client, "mlpsweep")
+    parents = [client.create_run(experiment_id, run_name=n, tags={ROLE_TAG: "sweep"}).info.run_id for n in ("a/b", "a b")]
+    first = write_report(client, load_sweep(client, client.get_run(parents[0])), tmp_path / "reports", baselines={})
+    (first / "figures").mkdir(exist_ok=True)
+    (first / "figures" / "left_over.png").write_bytes(b"an earlier report's figure")
+    (first / "notes.txt").write_text("a user's own file")
+    second = write_report(client, load_sweep(client, client.get_run(parents[1])), tmp_path / "reports", baselines={})
+    assert first == tmp_path / "reports" / "a_b" and second == tmp_path / "reports" / f"a_b-{parents[1]}"
+    assert (first / "figures" / "left_over.png").is_file()  # another sweep's report: not touched
+    assert write_report(client, load_sweep(client, client.get_run(parents[0])), tmp_path / "reports", {}) == first
+    assert not (first / "figures" / "left_over.png").exists() and (first / "notes.txt").is_file()
+    for parent in parents:
+        logged = {a.path for a in client.list_artifacts(parent, "report")}
+        assert logged == {f"report/{name}" for name in REPORT_FILES}, parent  # no notes.txt, no left-over figure
+
+
+def test_a_report_folder_that_cannot_be_written_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fill_store(tmp_path)
+    line = report_fails(["--tracking-uri", sqlite_uri(tmp_path), "--out", "/proc/reports"], capsys)
+    assert "error: --out='/proc/reports': must be a folder the report can be written in" in line
 
 
 def test_safe_names() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from hydra.experimental.callback import Callback
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from omegaconf import DictConfig, open_dict
 
 from mlpsweep.config import ConfigError, require, validate_config
@@ -25,7 +26,7 @@ INPUT_ERRORS = (ConfigError, DataError)
 
 # the stores MLflow tracks to: SQLAlchemy databases (sqlite needs sqlite:///path), a server, a folder, Databricks
 TRACKING_SCHEMES = re.compile(r"sqlite|https?|file|databricks|(postgresql|mysql|mssql)(\+\w+)?")
-TRACKING_URIS = "a sqlite:///, http(s)://, postgresql://, mysql:// or file: URI"
+TRACKING_URIS = "a sqlite:///, http(s)://, postgresql:// or mysql:// URI"
 
 
 def uri_scheme(uri: str) -> str:
@@ -41,6 +42,9 @@ def check_tracking_uri(uri: str, key: str = "tracking.uri") -> None:
     scheme = uri_scheme(uri)
     known = scheme == "" or TRACKING_SCHEMES.fullmatch(scheme) is not None
     require(known and (scheme != "sqlite" or uri.startswith("sqlite:///")), key, uri, TRACKING_URIS)
+    file_store = f"{TRACKING_URIS} (a folder, file: or a plain path, is a store MLflow 3 refuses unless " \
+        "MLFLOW_ALLOW_FILE_STORE=true; `mlflow migrate-filestore` moves one into sqlite:///mlflow.db)"  # fmt: skip
+    require(scheme not in ("", "file") or MLFLOW_ALLOW_FILE_STORE.get(), key, uri, file_store)
 
 
 def check_tracking_server(tracking_uri: str) -> None:

@@ -8,6 +8,7 @@ import html
 import itertools
 import math
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,15 +358,39 @@ def safe_name(text: str, fallback: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:MAX_NAME].strip("._-") or fallback
 
 
+REPORT_FILES = ("report.md", "report.html", "runs.csv", "cells.csv", "anova.csv", "effects.csv")
+OWNER_FILE = ".sweep_run_id"  # in a report's folder: the parent run whose report it holds
+
+
+def report_folder(out_root: Path, sweep: Sweep) -> Path:
+    """The sweep's folder in out_root, made ready: out_root/<sweep name> (a safe name, else the run
+    id), or where another sweep's report holds that name (names that differ in characters a safe
+    name drops, e.g. `a/b` and `a b`) out_root/<name>-<run id>. An earlier report of this sweep
+    there is cleared (its figures may not all be drawn again); other files are left alone."""
+    run_id = sweep.parent.info.run_id
+    name = safe_name(sweep.name or "", run_id)
+    out = out_root / name
+    if (out / OWNER_FILE).is_file() and (out / OWNER_FILE).read_text().strip() != run_id:
+        out = out_root / f"{name}-{run_id}"
+    if not out.resolve().is_relative_to(out_root.resolve()):  # out_root/<name> is a link that leads elsewhere
+        raise ReportError(f"--out={str(out_root)!r}: must be a folder the report stays in, and {out} leads outside it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for file in REPORT_FILES:
+            (out / file).unlink(missing_ok=True)
+        shutil.rmtree(out / "figures", ignore_errors=True)
+        (out / OWNER_FILE).write_text(run_id)
+    except OSError as err:
+        raise ReportError(f"--out={str(out_root)!r}: must be a folder the report can be written in ({err})") from None
+    return out
+
+
 def write_report(
     client: MlflowClient, sweep: Sweep, out_root: Path, baselines: dict[str, str], margin_pp: float = analysis.MARGIN_PP
 ) -> Path:
-    """Write the report files to out_root/<sweep name>/ (a safe name, else the run id) and log them
-    to the parent run."""
-    out = out_root / safe_name(sweep.name or "", sweep.parent.info.run_id)
-    if not out.resolve().is_relative_to(out_root.resolve()):  # out_root/<name> is a link that leads elsewhere
-        raise ReportError(f"--out={str(out_root)!r}: must be a folder the report stays in, and {out} leads outside it")
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the report files to the sweep's folder in out_root (`report_folder`) and log them, and
+    nothing else of that folder, to the parent run."""
+    out = report_folder(out_root, sweep)
     tables = analyse(sweep, baselines, margin_pp)
     doc = build_report(client, sweep, out, tables)
     (out / "report.md").write_text(doc.markdown())
@@ -374,5 +399,9 @@ def write_report(
     tables.cells.to_csv(out / "cells.csv", index=False)
     tables.anova.table.to_csv(out / "anova.csv", index=False)
     tables.comparisons.drop(columns=["cells"]).to_csv(out / "effects.csv", index=False)
-    client.log_artifacts(sweep.parent.info.run_id, str(out), artifact_path="report")
+    run_id = sweep.parent.info.run_id
+    for file in REPORT_FILES:
+        client.log_artifact(run_id, str(out / file), artifact_path="report")
+    if (out / "figures").is_dir():
+        client.log_artifacts(run_id, str(out / "figures"), artifact_path="report/figures")
     return out
