@@ -82,6 +82,18 @@ def test_unreachable_tracking_server(tiny_cfg: Callable[..., DictConfig]) -> Non
         train(tiny_cfg(f"tracking.uri={uri}"))
 
 
+def test_a_database_that_does_not_answer_stops_the_run_at_once(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """MLflow's own retries wait about five minutes for a database server that is not there; its
+    password is not shown."""
+    uri = f"postgresql://user:secret@127.0.0.1:{closed_port()}/mlflow"
+    with pytest.raises(INPUT_ERRORS) as err:
+        train(tiny_cfg(f"tracking.uri={uri}"))
+    assert str(err.value) == (
+        f"tracking.uri='{uri.replace('secret', '***')}' (or $MLFLOW_TRACKING_URI): no database server answers "
+        "there (ConnectionRefusedError); start it, or use a sqlite:/// store"
+    )
+
+
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 

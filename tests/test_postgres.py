@@ -167,3 +167,25 @@ def test_server_outage_stops_the_sweep_and_resume_completes_it(
         assert {c.info.run_name for c in finished} == grid(seeds)
     finally:
         server.stop()
+
+
+def test_a_database_password_is_never_logged(postgres_uri: str, tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """A sweep tracked straight into PostgreSQL (no `mlflow server`): the password of the URI is in
+    no param, tag, config or overrides file, and in no line the sweep prints."""
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--multirun", *tiny_overrides(tiny_mnist_root),
+               "trainer.max_epochs=1", "depth.widths=[16]", "probe.enabled=false", "seed=0,1",
+               f"tracking.uri={postgres_uri}", "tracking.experiment=direct", f"hydra.sweep.dir={tmp_path / 'm'}"]  # fmt: skip
+    result = run_sweep(command, tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "secret" not in result.stdout + result.stderr and "mlflow:***@" in result.stdout + result.stderr
+    client = MlflowClient(postgres_uri)
+    parents, children = runs_of(client, "direct")
+    assert len(parents) == 1 and len(children) == 2
+    for run in [*parents, *children]:
+        assert "secret" not in repr(run.data.params) + repr(run.data.tags), run.info.run_name
+    for child in children:
+        assert child.data.params["tracking.uri"] == postgres_uri.replace("secret", "***")
+        for name in ("config.yaml", "overrides.yaml"):
+            folder = tmp_path / child.info.run_id
+            text = Path(client.download_artifacts(child.info.run_id, name, str(folder))).read_text()
+            assert "secret" not in text and ":***@" in text, name

@@ -23,6 +23,7 @@ from mlpsweep.tracking import (
     artifact_location,
     flatten,
     get_or_create_experiment,
+    redacted,
     resolve_tracking_uri,
     split_datasets,
 )
@@ -153,3 +154,17 @@ def test_system_metrics_when_asked(tiny_cfg: Callable[..., DictConfig], tmp_path
     train(tiny_cfg("tracking.system_metrics=true", "probe.enabled=false"))
     _, run = only_run(tmp_path)
     assert "system/cpu_utilization_percentage" in run.data.metrics
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("postgresql://mlflow:secret@127.0.0.1:5432/mlflow", "postgresql://mlflow:***@127.0.0.1:5432/mlflow"),
+        ("tracking.uri=postgresql\\://u\\:pw@host\\:1/db seed=0", "tracking.uri=postgresql\\://u\\:***@host\\:1/db seed=0"),
+        ("https://user:p%40ss@example.com/mlflow and mysql://a:b@c/d", "https://user:***@example.com/mlflow and mysql://a:***@c/d"),
+        ("http://127.0.0.1:5000/#/experiments/1", "http://127.0.0.1:5000/#/experiments/1"),  # a port is no password
+        ("mysql+pymysql://u@host/db sqlite:////data/a@b.db", "mysql+pymysql://u@host/db sqlite:////data/a@b.db"),
+    ],
+)
+def test_a_uri_password_is_never_shown(text: str, shown: str) -> None:
+    assert redacted(text) == shown

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 from mlpsweep.config import ConfigError, require, validate_config
 from mlpsweep.data import DataError, check_data_files
 from mlpsweep.engine import resolve_device
-from mlpsweep.tracking import resolve_tracking_uri, unanswered
+from mlpsweep.tracking import redacted, resolve_tracking_uri, unanswered
 
 INPUT_ERRORS = (ConfigError, DataError)
 
@@ -41,18 +41,21 @@ def check_tracking_uri(uri: str, key: str = "tracking.uri") -> None:
     """MLflow can use a store at `uri` (`key` says where it was set): a known scheme or a plain path."""
     scheme = uri_scheme(uri)
     known = scheme == "" or TRACKING_SCHEMES.fullmatch(scheme) is not None
-    require(known and (scheme != "sqlite" or uri.startswith("sqlite:///")), key, uri, TRACKING_URIS)
+    require(known and (scheme != "sqlite" or uri.startswith("sqlite:///")), key, redacted(uri), TRACKING_URIS)
     file_store = f"{TRACKING_URIS} (a folder, file: or a plain path, is a store MLflow 3 refuses unless " \
         "MLFLOW_ALLOW_FILE_STORE=true; `mlflow migrate-filestore` moves one into sqlite:///mlflow.db)"  # fmt: skip
-    require(scheme not in ("", "file") or MLFLOW_ALLOW_FILE_STORE.get(), key, uri, file_store)
+    require(scheme not in ("", "file") or MLFLOW_ALLOW_FILE_STORE.get(), key, redacted(uri), file_store)
 
 
 def check_tracking_server(tracking_uri: str) -> None:
-    """An http(s) store must answer MLflow's health check within a few seconds."""
+    """An http(s) store must answer MLflow's health check within a few seconds, a database server
+    (PostgreSQL, MySQL) a connection to its port."""
     if cause := unanswered(tracking_uri):
+        http = uri_scheme(tracking_uri).startswith("http")
+        server, start = ("MLflow server", "start one with `mlflow server`") if http else ("database server", "start it")
         raise ConfigError(
-            f"tracking.uri={tracking_uri!r} (or $MLFLOW_TRACKING_URI): no MLflow server answers there "
-            f"({cause}); start one with `mlflow server`, or use a sqlite:/// store"
+            f"tracking.uri={redacted(tracking_uri)!r} (or $MLFLOW_TRACKING_URI): no {server} answers there "
+            f"({cause}); {start}, or use a sqlite:/// store"
         )
 
 

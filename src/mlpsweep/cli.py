@@ -66,6 +66,7 @@ def train(cfg: DictConfig) -> float:
     checkpoint in its own run. An interrupt (SIGINT/SIGTERM) raises Interrupted after the run
     ended KILLED with its checkpoint kept.
     """
+    tracking.redact_log_records()  # also in a job's own process (joblib, submitit)
     device = check_inputs(cfg)
     tracking.configure_store_access(cfg.tracking)
     if cfg.trainer.deterministic:
@@ -407,9 +408,10 @@ def job(cfg: DictConfig) -> float | None:
 def main() -> None:
     """`python train.py [-m] [overrides]`: check the command line (input_problems), run Hydra,
     and exit with the status of what happened (a sweep's from the store, see sweep.close_sweep)."""
+    tracking.redact_log_records()
     problems = input_problems(sys.argv[1:])
     for problem in problems:
-        print(problem, file=sys.stderr)
+        print(tracking.redacted(problem), file=sys.stderr)
     if problems:
         sys.exit(2)
     stop: BaseException | None = None

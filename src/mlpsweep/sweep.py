@@ -59,6 +59,7 @@ from mlpsweep.tracking import (
     describe,
     latest_attempts,
     prepare_store,
+    redacted,
     resolve_tracking_uri,
     server_outage,
     sqlite_database,
@@ -329,13 +330,13 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
             ROLE_TAG: "sweep",
             SWEEP_KEY_TAG: key,
             SWEEP_OVERRIDES_TAG: overrides,
-            OVERRIDES_TAG: " ".join(config.hydra.overrides.task),
+            OVERRIDES_TAG: redacted(" ".join(config.hydra.overrides.task)),
             "mlpsweep.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
             LAUNCHER_TAG: _this_process(),
         }
         parent = client.create_run(experiment_id, run_name=name, tags=tags)
         client.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in swept_values(config).items()])
-        log.info(f"MLflow: sweep {name} is parent run {parent.info.run_id} in {client.tracking_uri}")
+        log.info(f"MLflow: sweep {name} is parent run {parent.info.run_id} in {redacted(client.tracking_uri)}")
     os.environ[PARENT_RUN_ENV] = parent.info.run_id
     os.environ[LAUNCHER_PID_ENV] = _this_process()
     return SweepSession(client, parent.info.run_id, parent.info.run_name, expected, planned=expected is not None)
@@ -414,12 +415,12 @@ def _close(session: SweepSession, stop: BaseException | None) -> int:
         missing = len(expected) - len(finished)
         reason = f"{missing} of {len(expected)} configs did not finish" if missing else f"stopped with {of_expected} finished"
         reason += f" ({describe(stop)})" if stop else ""
-        client.set_tag(parent_id, ERROR_TAG, f"{reason}; rerun failed and missing ones with resume=true")
+        client.set_tag(parent_id, ERROR_TAG, redacted(f"{reason}; rerun failed and missing ones with resume=true"))
         client.set_terminated(parent_id, "FAILED")
         log.error(f"sweep {session.name}: {reason}; rerun the failed and missing ones with: {resume_command()}")
         return 1
     reason = f"interrupted with {of_expected} finished"
-    client.set_tag(parent_id, ERROR_TAG, f"{reason}; resume=true continues it")
+    client.set_tag(parent_id, ERROR_TAG, redacted(f"{reason}; resume=true continues it"))
     client.set_terminated(parent_id, "KILLED")
     log.warning(f"sweep {session.name} {reason}; continue it with: {resume_command()}")
     return 130
@@ -453,7 +454,7 @@ def record_outcome(session: SweepSession, finished: list[Run], configs: int, fai
                      f"mean over {len(scored)} finished configs {metrics['mean_test_acc']:.4f}.")  # fmt: skip
     lines.append(f"{len(finished)} of {configs} configs finished, {failed} failed.")
     client.log_batch(parent_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
-    client.set_tag(parent_id, NOTE_TAG, "\n".join(lines))
+    client.set_tag(parent_id, NOTE_TAG, redacted("\n".join(lines)))
 
 
 def no_idle_workers(config: DictConfig, jobs: int) -> None:
@@ -490,7 +491,7 @@ class MlflowSweepCallback(Callback):
             problems = [str(err)]
         except Exception as err:  # e.g. the store: Hydra would only warn, and run the jobs without a parent
             uri = resolve_tracking_uri(config.tracking.uri)
-            log.error(f"the sweep could not start ({describe(err)}); tracking store: {uri}")
+            log.error(f"the sweep could not start ({describe(err)}); tracking store: {redacted(uri)}")
             raise SystemExit(1) from None
         if problems:
             for problem in problems:

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import re
+import socket
 import time
 import traceback
 import warnings
@@ -22,6 +24,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
@@ -97,14 +100,58 @@ def _session_busy_timeout(conn, cursor, statement: str, parameters, context, exe
     return statement, parameters
 
 
+# the default ports of the database servers MLflow's SQLAlchemy store connects to
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+# the password of a URI (scheme://user:password@host): never printed, never logged to the store
+_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*\\?://[^:/@\s]*:)[^@\s/]*@")  # Hydra writes \: for :
+
+
+def redacted(text: str) -> str:
+    """`text` with the password of every URI in it as *** (a tracking URI in a log line, a param,
+    the overrides)."""
+    return _PASSWORD.sub(r"\g<head>***@", text)
+
+
+def redact_log_records() -> None:
+    """From now on every log record of this process with the passwords of its URIs as *** (Hydra's
+    own lines name a job's overrides, a tracking.uri among them)."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts", False):
+        return
+
+    def redacting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        with suppress(Exception):  # a record whose arguments do not fit its message: logging reports it
+            if "@" in (message := record.getMessage()):
+                record.msg, record.args = redacted(message), ()
+        return record
+
+    redacting.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting)
+
+
 def unanswered(tracking_uri: str) -> str | None:
-    """Why an http(s) tracking server does not answer its health check now (the error's type,
-    e.g. ConnectionError; None when it answers, or when the store is not a server)."""
-    if not tracking_uri.startswith(("http://", "https://")):
+    """Why the tracking server does not answer now: an http(s) server its health check, a database
+    server a connection to its port, within 5 s (the error's type, e.g. ConnectionError; None when
+    it answers, or when the store is a file, such as SQLite's). MLflow's own retries would wait
+    minutes."""
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=5).raise_for_status()
+        except requests.RequestException as err:
+            return type(err).__name__
+        return None
+    parts = urlsplit(tracking_uri)
+    default_port = DATABASE_PORTS.get(parts.scheme.split("+")[0])
+    try:
+        address = (parts.hostname, parts.port or default_port)
+    except ValueError:  # a port that is no number: MLflow says so itself
+        return None
+    if default_port is None or not parts.hostname:  # a file, or a database on a local socket
         return None
     try:
-        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=5).raise_for_status()
-    except requests.RequestException as err:
+        socket.create_connection(address, timeout=5).close()
+    except OSError as err:
         return type(err).__name__
     return None
 
@@ -112,7 +159,7 @@ def unanswered(tracking_uri: str) -> str | None:
 def server_outage(tracking_uri: str) -> str | None:
     """One line on a tracking server that does not answer (None: it answers, or is no server)."""
     cause = unanswered(tracking_uri)
-    return f"the tracking server {tracking_uri} does not answer ({cause})" if cause else None
+    return f"the tracking server {redacted(tracking_uri)} does not answer ({cause})" if cause else None
 
 
 @contextmanager
@@ -284,6 +331,7 @@ def browse_hint(tracking_uri: str, experiment_id: str, run_name: str) -> str:
     experiment in its GenAI view unless the page's `workflowType` says otherwise (it remembers the
     choice in the browser; the experiment's kind tag does not decide it)."""
     page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    tracking_uri = redacted(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         return f"MLflow UI: {tracking_uri.rstrip('/')}/{page} (run {run_name})"
     return f"MLflow UI: run `mlflow ui --backend-store-uri {tracking_uri}`, then open http://127.0.0.1:5000/{page} (run {run_name})"
@@ -554,7 +602,7 @@ def job_run(
         if ERROR_TAG in run.data.tags:
             mlflow.delete_tag(ERROR_TAG)
     else:
-        tags = {ROLE_TAG: "job", OVERRIDES_TAG: " ".join(overrides), CONFIG_HASH_TAG: cfg_hash}
+        tags = {ROLE_TAG: "job", OVERRIDES_TAG: redacted(" ".join(overrides)), CONFIG_HASH_TAG: cfg_hash}
         run = mlflow.start_run(
             experiment_id=experiment_id,
             run_name=run_name(cfg),
@@ -566,9 +614,10 @@ def job_run(
         if not resume_run_id:
             container = OmegaConf.to_container(cfg, resolve=True)
             assert isinstance(container, dict)
-            mlflow.log_params({**flatten(container), **axes(cfg), "num_params": num_params, "train_step": train_step})
-            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
+            params = {key: redacted(value) for key, value in flatten(container).items()}
+            mlflow.log_params({**params, **axes(cfg), "num_params": num_params, "train_step": train_step})
+            mlflow.log_text(redacted(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
+            mlflow.log_text(redacted(OmegaConf.to_yaml(overrides)), "overrides.yaml")
         yield run
     except BaseException as err:
         if outage := server_outage(tracking_uri):
@@ -595,7 +644,7 @@ def _end_stopped_run(err: BaseException) -> None:
             reason = str(err) if isinstance(err, Interrupted) else f"{type(err).__name__}, stopped at once"
             mlflow.set_tag(ERROR_TAG, f"interrupted ({reason}); resume=true continues it from its last checkpoint")
         else:
-            mlflow.set_tag(ERROR_TAG, describe(err))
+            mlflow.set_tag(ERROR_TAG, redacted(describe(err)))
             mlflow.log_text(traceback.format_exc(), "traceback.txt")
     except Exception:
         log.exception(f"could not record why run {run_id} stopped")
@@ -634,7 +683,7 @@ def record_job_failure(cfg: DictConfig, err: BaseException) -> None:
     try:
         client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
         client.set_tag(
-            parent_id, f"{FAILED_JOB_TAG_PREFIX}{job.num}", f"[{' '.join(_task_overrides())}] {describe(err)}"
+            parent_id, f"{FAILED_JOB_TAG_PREFIX}{job.num}", redacted(f"[{' '.join(_task_overrides())}] {describe(err)}")
         )
     except Exception:  # the store itself may be what failed; the job's log still has the error
         log.exception(f"could not record the failure of job {job.num} on parent run {parent_id}")
