@@ -19,15 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_TEST, TINY_TRAIN, tiny_overrides, write_idx_labels
+from conftest import REPO_ROOT, TINY_TEST, TINY_TRAIN, sqlite_uri, tiny_overrides, write_idx_labels
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from torchvision import datasets
 
 from mlpsweep import data
-from mlpsweep.checks import INPUT_ERRORS, check_inputs, check_tracking_uri
+from mlpsweep.checks import INPUT_ERRORS, check_experiment, check_inputs, check_tracking_uri
 from mlpsweep.cli import train
 from mlpsweep.config import ConfigError, check_composition, check_group_overrides
 from mlpsweep.data import IDX_FILES, DataError
+from mlpsweep.tracking import prepare_store
 
 
 def closed_port() -> int:
@@ -92,6 +94,21 @@ def test_a_database_that_does_not_answer_stops_the_run_at_once(tiny_cfg: Callabl
         f"tracking.uri='{uri.replace('secret', '***')}' (or $MLFLOW_TRACKING_URI): no database server answers "
         "there (ConnectionRefusedError); start it, or use a sqlite:/// store"
     )
+
+
+def test_a_deleted_experiment_is_bad_input(tmp_path: Path) -> None:
+    """MLflow refuses every run in a deleted experiment, each with a traceback: one line instead,
+    from the single run's check and from the store (a sweep's parent run); a new store is not made."""
+    uri = sqlite_uri(tmp_path)
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    deleted = r"tracking.experiment='gone': must be an experiment that is not deleted \(restore it: mlflow experiments"
+    with pytest.raises(ConfigError, match=deleted):
+        check_experiment(uri, "gone")
+    with pytest.raises(ConfigError, match=deleted):
+        prepare_store(uri, "gone")
+    check_experiment(sqlite_uri(tmp_path / "new"), "gone")
+    assert not (tmp_path / "new").exists()
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

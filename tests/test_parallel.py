@@ -83,3 +83,19 @@ def test_two_sweeps_started_together_into_one_fresh_store(tiny_mnist_root: Path,
         assert process.returncode == 0, output[-3000:]
         assert not [e for e in RACE_ERRORS if e in output]
     check_store(store, parents=2, children_per_parent=4)
+
+
+@pytest.mark.slow
+def test_one_named_sweep_started_twice_at_once_is_one_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
+    """Each launcher looks for the sweep's earlier parent run and creates it under the store's lock:
+    the second finds the first's and is refused as a rerun, instead of making a second `dup`."""
+    store = tmp_path / "store"
+    commands = [[*sweep_command(tiny_mnist_root, store, tmp_path / f"multirun{i}", 1, "0"), "tracking.sweep_name=dup",
+                 "activation=relu", "norm=none"] for i in (1, 2)]  # fmt: skip
+    processes = [subprocess.Popen(c, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    results = [process.communicate(timeout=600) for process in processes]
+    codes = sorted(process.returncode for process in processes)
+    assert codes == [0, 2], results
+    refused = next(out + err for (out, err), p in zip(results, processes, strict=True) if p.returncode == 2)
+    assert "tracking.sweep_name='dup': this sweep already exists" in refused
+    check_store(store, parents=1, children_per_parent=1)

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from hydra.experimental.callback import Callback
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 from mlpsweep.config import ConfigError, require, validate_config
 from mlpsweep.data import DataError, check_data_files
 from mlpsweep.engine import resolve_device
-from mlpsweep.tracking import redacted, resolve_tracking_uri, unanswered
+from mlpsweep.tracking import redacted, refuse_deleted, resolve_tracking_uri, sqlite_database, store_lock, unanswered
 
 INPUT_ERRORS = (ConfigError, DataError)
 
@@ -57,6 +58,15 @@ def check_tracking_server(tracking_uri: str) -> None:
             f"tracking.uri={redacted(tracking_uri)!r} (or $MLFLOW_TRACKING_URI): no {server} answers there "
             f"({cause}); {start}, or use a sqlite:/// store"
         )
+
+
+def check_experiment(tracking_uri: str, experiment: str) -> None:
+    """The experiment is not one deleted in an existing store (a sweep finds out as it opens)."""
+    database = sqlite_database(tracking_uri)
+    if database is not None and not database.is_file():
+        return  # a new store: the experiment is made with it
+    with store_lock(tracking_uri):
+        refuse_deleted(MlflowClient(tracking_uri).get_experiment_by_name(experiment))
 
 
 def check_settings(cfg: DictConfig) -> torch.device:
@@ -100,6 +110,7 @@ class CheckInputsCallback(Callback):
             del cfg["hydra"]
         try:
             check_inputs(cfg)
+            check_experiment(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
         except INPUT_ERRORS as err:
             print(err, file=sys.stderr)
             raise SystemExit(2) from None

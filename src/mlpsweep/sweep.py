@@ -254,13 +254,14 @@ def multirun_started() -> bool:
 
 
 def _earlier_parents(tracking_uri: str, experiment: str, key: str) -> list[Run]:
-    """The parent runs of the sweep `key` already in the store, latest first (none without a store)."""
+    """The parent runs of the sweep `key` already in the store, latest first (none without a
+    store); the caller holds the store's lock (a store another sweep is creating is opened once
+    its migration is done)."""
     database = sqlite_database(tracking_uri)
     if database is not None and not database.is_file():
         return []
-    with store_lock(tracking_uri):  # a store another sweep is creating: opened once its migration is done
-        client = MlflowClient(tracking_uri)
-        found = client.get_experiment_by_name(experiment)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
     return client.search_runs(
@@ -306,8 +307,16 @@ def _refuse_running(parent: Run) -> None:
 
 
 def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
-    """Create the sweep's parent run, or reattach its earlier one (resume=true, or the same name)."""
+    """Create the sweep's parent run, or reattach its earlier one (resume=true, or the same name).
+    On a SQLite store under the store's lock, from the look for an earlier parent to its creation
+    or reattachment: two launchers of one sweep started at once make one parent run, and the
+    second is refused as a rerun (or, under resume=true, as a sweep still running)."""
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    with store_lock(tracking_uri):
+        return _open_sweep(config, expected, tracking_uri)
+
+
+def _open_sweep(config: DictConfig, expected: set[str] | None, tracking_uri: str) -> SweepSession:
     key = sweep_key(config)
     overrides = " ".join(identity_overrides(list(config.hydra.overrides.task)))
     earlier = _earlier_parents(tracking_uri, config.tracking.experiment, key)
@@ -315,7 +324,7 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
         _refuse_reused_name(config, earlier[0], overrides)
     if earlier and config.resume:
         _refuse_running(earlier[0])
-    client, experiment_id = prepare_store(tracking_uri, config.tracking.experiment)
+    client, experiment_id = prepare_store(tracking_uri, config.tracking.experiment, locked=True)
     if earlier and config.resume:
         parent = earlier[0]
         for tag in parent.data.tags:  # what the last attempt said no longer holds

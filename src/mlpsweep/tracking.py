@@ -20,7 +20,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric, Run, RunStatus
+from mlflow.entities import Experiment, Metric, Run, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mlpsweep.config import launch_dir
+from mlpsweep.config import ConfigError, launch_dir, problem
 from mlpsweep.data import DataSplits, raw_folder
 from mlpsweep.engine import EpochMetrics, metric_key
 from mlpsweep.interrupt import Interrupted, SweepStop
@@ -236,6 +236,16 @@ def artifact_location(tracking_uri: str) -> str | None:
     return (database.parent / "mlartifacts").as_uri() if database else None
 
 
+def refuse_deleted(experiment: Experiment | None) -> None:
+    """ConfigError for an experiment deleted in its store (MLflow would refuse every run in it)."""
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        allowed = (
+            f"an experiment that is not deleted (restore it: mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}; or purge it with `mlflow gc`, or choose another name)"
+        )
+        raise ConfigError(problem("tracking.experiment", experiment.name, allowed))
+
+
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     """The experiment's id (created if new), marked as model training for the MLflow UI (see
     EXPERIMENT_KIND_TAG) unless it already says what it is."""
@@ -243,6 +253,7 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     if experiment is None:
         location = artifact_location(client.tracking_uri)
         return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    refuse_deleted(experiment)
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return experiment.experiment_id
@@ -265,9 +276,10 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def prepare_store(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str]:
-    """A client of the store (created and migrated if new) and the experiment's id (created if new)."""
-    with store_lock(tracking_uri):
+def prepare_store(tracking_uri: str, experiment: str, locked: bool = False) -> tuple[MlflowClient, str]:
+    """A client of the store (created and migrated if new) and the experiment's id (created if
+    new), under the store's lock (`locked`: the caller holds it already)."""
+    with nullcontext() if locked else store_lock(tracking_uri):
         client = MlflowClient(tracking_uri)
         return client, get_or_create_experiment(client, experiment)
 
