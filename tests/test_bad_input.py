@@ -256,6 +256,11 @@ BAD_VALUES = {  # overrides (space-separated) -> the whole message (its start, w
     "trainer.early_stopping.monitor=test_acc": "trainer.early_stopping.monitor='test_acc': must be one of val_loss, val_acc",
     "trainer.early_stopping.min_delta=-0.1": "trainer.early_stopping.min_delta=-0.1: must be a non-negative number",
     "trainer.early_stopping.restore_best=maybe": "trainer.early_stopping.restore_best='maybe': must be true or false",
+    "trainer.checkpoint_dir=/proc/checkpoints":  # /proc takes no folder, not even root's (found after training, before)
+        "trainer.checkpoint_dir='/proc/checkpoints': must be a folder that can be created and written in (/proc: ",
+    "trainer.checkpoint_dir=/dev/null/checkpoints":
+        "trainer.checkpoint_dir='/dev/null/checkpoints': must be a folder that can be created and written in "
+        "(/dev/null is not a folder)",
 }
 
 

@@ -8,8 +8,11 @@ write nothing come first; the data files last, since a missing dataset may be do
 from __future__ import annotations
 
 import copy
+import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +21,7 @@ from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
-from mlpsweep.config import ConfigError, require, validate_config
+from mlpsweep.config import ConfigError, launch_dir, problem, require, validate_config
 from mlpsweep.data import DataError, check_data_files
 from mlpsweep.engine import resolve_device
 from mlpsweep.tracking import redacted, refuse_deleted, resolve_tracking_uri, sqlite_database, store_lock, unanswered
@@ -69,11 +72,26 @@ def check_experiment(tracking_uri: str, experiment: str) -> None:
         refuse_deleted(MlflowClient(tracking_uri).get_experiment_by_name(experiment))
 
 
+def check_writable_folder(folder: Path, key: str, value: str) -> None:
+    """`folder` is one this process can write in, or can create: a folder can be made in its
+    nearest existing ancestor (tried, and removed at once: permissions alone do not tell, e.g. in
+    /proc or on a read-only mount, for root)."""
+    existing = next(path for path in [folder, *folder.parents] if path.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mlpsweep-check-", dir=existing))
+    except OSError as err:
+        why = f"{existing} is not a folder" if not existing.is_dir() else f"{existing}: {err.strerror}"
+        raise ConfigError(problem(key, value, f"a folder that can be created and written in ({why})")) from None
+
+
 def check_settings(cfg: DictConfig) -> torch.device:
-    """The checks that write nothing: the config values, the tracking URI and the device; return the device."""
+    """The checks that write nothing: the config values, the tracking URI, the checkpoint folder
+    and the device; return the device."""
     validate_config(cfg)
     uri_key = "tracking.uri" if cfg.tracking.uri else "$MLFLOW_TRACKING_URI"
     check_tracking_uri(resolve_tracking_uri(cfg.tracking.uri), uri_key)
+    folder = cfg.trainer.checkpoint_dir
+    check_writable_folder(launch_dir() / folder, "trainer.checkpoint_dir", folder)
     return resolve_device(cfg.trainer.device)
 
 
