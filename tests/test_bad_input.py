@@ -607,9 +607,23 @@ def test_cli_sweep_with_an_unusable_tracking_uri_writes_nothing(tiny_mnist_root:
     assert_nothing_written(tmp_path)
 
 
-def test_cli_optuna_search_checks_its_shared_config_before_any_trial(tiny_mnist_root: Path, tmp_path: Path) -> None:
-    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer.batch_size=0"]
-    result = run_cli([*tiny_overrides(tiny_mnist_root), *search], tmp_path)
+@pytest.mark.parametrize(
+    ("search", "line"),
+    [
+        ("trainer.batch_size=0", "trainer.batch_size=0: must be a positive integer"),  # the shared config
+        ("optimizer.lr=choice(-1,0.1)", "optimizer.lr=-1]: optimizer.lr=-1: must be a positive number"),
+        ("trainer.batch_size=range(0,64,16)", "trainer.batch_size=0]: trainer.batch_size=0: must be a positive integer"),
+        ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0: must be an integer of at least 1"),
+    ],
+)
+def test_cli_optuna_search_checks_its_settings_and_search_space_before_any_trial(
+    search: str, line: str, tiny_mnist_root: Path, tmp_path: Path
+) -> None:
+    """Its shared config, its settings, and each value of its search space that can be named
+    ahead (choices, a range's ends, an interval's lower end): a trial would fail on them, or the
+    study would run none and end with a traceback."""
+    optuna = ["hparams_search=optuna", "hydra.sweeper.n_trials=2"]
+    result = run_cli([*tiny_overrides(tiny_mnist_root), *optuna, search], tmp_path)
     assert result.returncode == 2
-    assert "trainer.batch_size=0: must be a positive integer" in result.stdout + result.stderr
+    assert line in result.stdout + result.stderr
     assert_nothing_written(tmp_path)

@@ -29,7 +29,7 @@ import psutil
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, Run
@@ -69,6 +69,7 @@ from mlpsweep.tracking import (
 log = logging.getLogger(__name__)
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
 ADAPTIVE_SWEEPER = f"{AdaptiveSeedsSweeper.__module__}.{AdaptiveSeedsSweeper.__name__}"
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 PACKED_LAUNCHER = f"{PackedLauncher.__module__}.{PackedLauncher.__name__}"
 # what hydra/sweeper=adaptive_seeds may compare (each run's last value): accuracies, so that precision
 # is in pp (by MLflow key; their names test_acc, val_acc and train_acc are accepted too, see metric_key)
@@ -99,6 +100,32 @@ def sweep_overrides(config: DictConfig) -> list[Override]:
     params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     return parser.parse_overrides(params + list(config.hydra.overrides.task))
+
+
+def search_space_probes(config: DictConfig) -> list[list[str]]:
+    """For a sweeper that samples its jobs (Optuna): the shared config, and it with each value of
+    the search space that can be named ahead: every choice, a range's first and last value, an
+    interval's lower end (its upper one is never sampled, as in dropout.p=interval(0, 1))."""
+    fixed = fixed_overrides(config)
+    probes = [fixed]
+    for override in sweep_overrides(config):
+        if not override.is_sweep_override():
+            continue
+        if isinstance(override.value(), IntervalSweep):
+            values = [str(override.value().start)]
+        else:
+            values = list(override.sweep_string_iterator())
+            values = values if isinstance(override.value(), ChoiceSweep) else [values[0], values[-1]][: len(values)]
+        probes += [[*fixed, f"{override.get_key_element()}={value}"] for value in values]
+    return probes
+
+
+def check_optuna_settings(sweeper: DictConfig) -> None:
+    """ConfigError for an Optuna study that would run no trial (it fails after the sweep opened)."""
+    for key in ("n_trials", "n_jobs"):
+        value = sweeper.get(key)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        require(ok, f"hydra.sweeper.{key}", value, "an integer of at least 1")
 
 
 def grid(config: DictConfig) -> list[list[str]]:
@@ -135,20 +162,25 @@ def fixed_overrides(config: DictConfig) -> list[str]:
 def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
     """Compose and check every job of the sweep: one line per job that would fail on its input,
     and the config hash of every job. A sweeper that decides the jobs as it goes gets every job
-    it may run checked (adaptive_seeds), or its shared config (Optuna), and None for the hashes."""
+    it may run checked (adaptive_seeds), or its settings, its shared config and each value of its
+    search space that can be named ahead (Optuna: search_space_probes), and None for the hashes."""
     jobs = job_overrides(config)
     expected: set[str] | None = set() if config.hydra.sweeper._target_ == BASIC_SWEEPER else None
+    optuna = config.hydra.sweeper._target_ == OPTUNA_SWEEPER
+    # the packed launcher composes every job before it launches any: it takes the jobs composed here
+    keep = config.hydra.launcher._target_ == PACKED_LAUNCHER and jobs is not None
     if jobs is None:
-        jobs = [fixed_overrides(config)]
+        jobs = search_space_probes(config) if optuna else [fixed_overrides(config)]
     try:
         check_tracking_server(resolve_tracking_uri(config.tracking.uri))  # once for the sweep
         if config.hydra.launcher._target_ == PACKED_LAUNCHER:
             launcher = config.hydra.launcher
             check_packed_settings(launcher.pack_size, launcher.backend, launcher.submitit)
+        if optuna:
+            check_optuna_settings(config.hydra.sweeper)
     except INPUT_ERRORS as err:
         return [str(err)], None
     loader = GlobalHydra.instance().config_loader()
-    keep = config.hydra.launcher._target_ == PACKED_LAUNCHER  # it composes every job before it launches any
     problems = []
     nvml_check = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # ask NVML about GPUs: no CUDA in the launcher
@@ -165,7 +197,8 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
                     expected.add(config_hash(cfg))
             except (*INPUT_ERRORS, HydraException, OmegaConfBaseException) as err:
                 message = " ".join(str(err).split("Config search path")[0].split())  # one line, no search path
-                problems.append(f"job {num} [{' '.join(overrides)}]: {message}")
+                what = "search space" if optuna else f"job {num}"
+                problems.append(f"{what} [{' '.join(overrides)}]: {message}")
     finally:
         if nvml_check is None:
             os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK")
