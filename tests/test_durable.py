@@ -170,8 +170,15 @@ def test_a_sweep_name_is_one_sweep(tiny_mnist_root: Path, tmp_path: Path) -> Non
 def test_resume_skips_only_this_sweeps_finished_configs(tiny_mnist_root: Path, tmp_path: Path) -> None:
     small = ["trainer.max_epochs=1", "probe.enabled=false", "depth.widths=[16]"]
     assert run(command(tiny_mnist_root, tmp_path, "activation=relu,tanh", *small), tmp_path).returncode == 0
-    # another sweep that shares the relu config: resume finds no parent of its own, so it runs everything
-    assert run(command(tiny_mnist_root, tmp_path, "activation=relu,sigmoid", *small, "resume=true"), tmp_path).returncode == 0
+    # another sweep that shares the relu config: resume finds no parent of its own, says so, and runs everything
+    other = run(command(tiny_mnist_root, tmp_path, "activation=relu,sigmoid", *small, "resume=true"), tmp_path)
+    assert other.returncode == 0
+    assert "resume=true: experiment 'mlpsweep' has no earlier sweep of these overrides; this starts a new sweep" in (
+        other.stdout + other.stderr
+    )
+    # the first sweep's values in another order: the same grid, the same sweep, nothing run again
+    again = run(command(tiny_mnist_root, tmp_path, "activation=tanh,relu", *small, "resume=true"), tmp_path)
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("already finished") == 2
     parents, children = store_runs(sqlite_uri(tmp_path))
     assert len(parents) == 2 and len(children) == 4
     for parent in parents:

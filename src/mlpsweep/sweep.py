@@ -223,25 +223,36 @@ def require_sweep_wide(config: DictConfig, cfg: DictConfig) -> None:
         require(value == own, key, value, allowed)
 
 
-def identity_overrides(overrides: list[str]) -> list[str]:
+def identity_overrides(overrides: list[str], as_given: bool = False) -> list[str]:
     """The overrides that make a sweep what it is: sorted, without the keys that cannot change a
-    result (NOT_HASHED: where things go, how they are shown, resume itself)."""
+    result (NOT_HASHED: where things go, how they are shown, resume itself), and the values of a
+    list of choices sorted too (`a=x,y` and `a=y,x` are one grid), unless `as_given` (how sweeps
+    were known before the values were sorted)."""
 
     def counts(override: str) -> bool:
         key = override.lstrip("+~").split("=", 1)[0]
         return not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_HASHED)
 
-    return sorted(filter(counts, overrides))
+    kept = list(filter(counts, overrides))
+    if not as_given:
+        parser = OverridesParser.create()  # no config loader: a choice's values, as written
+        kept = [
+            f"{o.get_key_element()}={','.join(sorted(o.sweep_string_iterator()))}"
+            if isinstance(o.value(), ChoiceSweep) and o.value().simple_form
+            else o.input_line
+            for o in parser.parse_overrides(kept)
+        ]
+    return sorted(kept)
 
 
-def sweep_key(config: DictConfig) -> str:
+def sweep_key(config: DictConfig, as_given: bool = False) -> str:
     """The sweep's identity, as a hash (safe inside a search filter): of its name, or, unnamed, of
-    the experiment, the overrides and the sweeper where it is not Hydra's basic one (an adaptive
-    sweep and a grid of the same overrides are different sweeps)."""
+    the experiment, the overrides (identity_overrides) and the sweeper where it is not Hydra's
+    basic one (an adaptive sweep and a grid of the same overrides are different sweeps)."""
     if config.tracking.sweep_name:
         text = f"name\n{config.tracking.sweep_name}"
     else:
-        parts = [config.tracking.experiment, *identity_overrides(list(config.hydra.overrides.task))]
+        parts = [config.tracking.experiment, *identity_overrides(list(config.hydra.overrides.task), as_given)]
         sweeper = str(config.hydra.sweeper.get("_target_", ""))
         if sweeper != BASIC_SWEEPER:
             parts.append(f"sweeper {sweeper}")
@@ -286,10 +297,10 @@ def multirun_started() -> bool:
     return bool(_started)
 
 
-def _earlier_parents(tracking_uri: str, experiment: str, key: str) -> list[Run]:
-    """The parent runs of the sweep `key` already in the store, latest first (none without a
-    store); the caller holds the store's lock (a store another sweep is creating is opened once
-    its migration is done)."""
+def _earlier_parents(tracking_uri: str, experiment: str, keys: list[str]) -> list[Run]:
+    """The parent runs of the sweep already in the store, latest first, by the first of its `keys`
+    that has any (none without a store); the caller holds the store's lock (a store another sweep
+    is creating is opened once its migration is done)."""
     database = sqlite_database(tracking_uri)
     if database is not None and not database.is_file():
         return []
@@ -297,18 +308,23 @@ def _earlier_parents(tracking_uri: str, experiment: str, key: str) -> list[Run]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client.search_runs(
-        [found.experiment_id],
-        f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{SWEEP_KEY_TAG}` = '{key}'",
-        order_by=["attributes.start_time DESC"],
-    )
+    for key in dict.fromkeys(keys):
+        runs = client.search_runs(
+            [found.experiment_id],
+            f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{SWEEP_KEY_TAG}` = '{key}'",
+            order_by=["attributes.start_time DESC"],
+        )
+        if runs:
+            return runs
+    return []
 
 
-def _refuse_reused_name(config: DictConfig, earlier: Run, overrides: str) -> None:
-    """A named sweep is one sweep: raise ConfigError when the name is taken by other overrides or
-    when its sweep is rerun without resume=true."""
+def _refuse_reused_name(config: DictConfig, earlier: Run, overrides: set[str]) -> None:
+    """A named sweep is one sweep: raise ConfigError when the name is taken by other overrides
+    (`overrides`: this sweep's, in the forms a parent may have been tagged with) or when its sweep
+    is rerun without resume=true."""
     name = config.tracking.sweep_name
-    if earlier.data.tags.get(SWEEP_OVERRIDES_TAG) != overrides:
+    if earlier.data.tags.get(SWEEP_OVERRIDES_TAG) not in overrides:
         raise ConfigError(
             f"tracking.sweep_name={name!r}: a sweep of that name already exists with other overrides "
             f"({earlier.data.tags.get(SWEEP_OVERRIDES_TAG)!r}); give this one another name, e.g. "
@@ -352,11 +368,18 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
 def _open_sweep(config: DictConfig, expected: set[str] | None, tracking_uri: str) -> SweepSession:
     key = sweep_key(config)
     overrides = " ".join(identity_overrides(list(config.hydra.overrides.task)))
-    earlier = _earlier_parents(tracking_uri, config.tracking.experiment, key)
+    as_given = " ".join(identity_overrides(list(config.hydra.overrides.task), as_given=True))
+    earlier = _earlier_parents(tracking_uri, config.tracking.experiment, [key, sweep_key(config, as_given=True)])
     if earlier and config.tracking.sweep_name:
-        _refuse_reused_name(config, earlier[0], overrides)
+        _refuse_reused_name(config, earlier[0], {overrides, as_given})
     if earlier and config.resume:
         _refuse_running(earlier[0])
+    if config.resume and not earlier:
+        log.warning(
+            f"resume=true: experiment {config.tracking.experiment!r} has no earlier sweep "
+            + (f"named {config.tracking.sweep_name!r}" if config.tracking.sweep_name else "of these overrides")
+            + "; this starts a new sweep"
+        )
     client, experiment_id = prepare_store(tracking_uri, config.tracking.experiment, locked=True)
     if earlier and config.resume:
         parent = earlier[0]
