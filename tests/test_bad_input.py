@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_TEST, TINY_TRAIN, sqlite_uri, tiny_overrides, write_idx_labels
+from conftest import REPO_ROOT, TINY_TEST, TINY_TRAIN, TINY_VAL, sqlite_uri, tiny_overrides, write_idx_labels
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from torchvision import datasets
@@ -210,6 +210,8 @@ BAD_VALUES = {  # overrides (space-separated) -> the whole message (its start, w
     "data.normalize=1": "data.normalize=1: must be true or false",
     "data.download=yes": "data.download='yes': must be true or false",
     "data.limit_train=0": "data.limit_train=0: must be null or a positive integer",
+    f"data.limit_train={TINY_TRAIN}": f"data.limit_train={TINY_TRAIN}: must be null or at most {TINY_TRAIN - TINY_VAL} "
+    "(the training images the validation split leaves)",
     "trainer.max_epochs=1.5": "trainer.max_epochs=1.5: must be a positive integer",
     "trainer.max_epochs=true": "trainer.max_epochs=True: must be a positive integer",
     "trainer.batch_size=0": "trainer.batch_size=0: must be a positive integer",

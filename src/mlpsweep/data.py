@@ -179,8 +179,8 @@ def _install(source: Path, target: Path) -> None:
 def check_data_files(cfg: DictConfig) -> int:
     """Checks of `cfg` (the `data` node) before training: the four IDX files are there (downloaded
     first when missing and `download` is true), each one's header agrees with its size, there is
-    one label in [0, 10) per image, and `val_size` leaves images to train on. Returns how many
-    images the training split will hold."""
+    one label in [0, 10) per image, `val_size` leaves images to train on and `limit_train` asks for
+    no more than those. Returns how many images the training split will hold."""
     folder = raw_folder(cfg.name, cfg.root)
     missing = [name for name in IDX_FILES if not (folder / name).is_file()]
     if missing and not cfg.download:
@@ -198,7 +198,10 @@ def check_data_files(cfg: DictConfig) -> int:
     n = _count(folder / "train-labels-idx1-ubyte")
     allowed = f"between 1 and {n - 1} (the dataset has {n} training images)"
     require(0 < cfg.val_size < n, "data.val_size", cfg.val_size, allowed)
-    return min(n - cfg.val_size, cfg.limit_train or n)
+    left = n - cfg.val_size
+    allowed = f"null or at most {left} (the training images the validation split leaves)"
+    require(cfg.limit_train is None or cfg.limit_train <= left, "data.limit_train", cfg.limit_train, allowed)
+    return min(left, cfg.limit_train or n)
 
 
 def read_idx(name: str, root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
