@@ -297,12 +297,19 @@ def packed_mode(args: argparse.Namespace, device: torch.device) -> None:
         print(f"| {name} | {trainer.kind} | {pack:.2f} | {solo:.2f} | {pack / solo:.2f} |", flush=True)
 
 
+def positive(text: str) -> int:
+    """An integer of at least 1 (argparse type)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, not {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("epoch", "sweep", "accuracy", "steps", "packed"), default="epoch")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (epoch, steps: after one warm-up epoch)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads for both loops (default: all cores)")
+    parser.add_argument("--epochs", type=positive, default=3, help="timed epochs (epoch, steps: after one warm-up epoch)")
+    parser.add_argument("--threads", type=positive, help="torch CPU threads for both loops (default: all cores)")
     parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2, 3, 4], help="accuracy mode")
     parser.add_argument("override", nargs="*", help="extra config overrides for the engine, e.g. trainer.num_threads=1")
     args = parser.parse_args()

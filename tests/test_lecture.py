@@ -22,6 +22,7 @@ from mlpsweep.config import CONFIG_DIR
 from mlpsweep.lecture import BN_PRESETS, batchnorm_question, dropout_question, preset_axes, verdict
 from mlpsweep.model import build_model, count_parameters
 from mlpsweep.sweep import job_overrides
+from mlpsweep.tracking import ROLE_TAG
 
 # preset: (Linear shapes (in, out), bias, activation, norm, dropout p, epochs, parameters counted by hand)
 LECTURE = {
@@ -131,3 +132,17 @@ def test_the_dropout_question_compares_the_mlp_with_and_without_dropout() -> Non
     answer = dropout_question(same[same.dropout == "0"], same[same.dropout == "0.2"])
     assert answer.startswith("**Does Dropout help the 165-165 MLP?** No: with and without it the MLP is equivalent")
     assert dropout_question(without, with_dropout.iloc[:1]).startswith("Not answered")
+
+
+def test_the_lecture_table_is_not_rewritten_from_a_sweep_without_lecture_runs(tmp_path: Path) -> None:
+    """`python -m mlpsweep.lecture` on a sweep none of whose runs is a lecture preset: one line,
+    exit 2, the document untouched (it rewrote every row to 'not run'); a missing --doc likewise."""
+    client = MlflowClient(sqlite_uri(tmp_path))
+    client.create_run(client.create_experiment("mlpsweep"), run_name="other", tags={ROLE_TAG: "sweep"})
+    doc = tmp_path / "lecture.md"
+    doc.write_text("<!-- results:begin -->\nour table\n<!-- results:end -->\n")
+    for path, says in ((doc, "must be a sweep of the lecture's presets"), (tmp_path / "none.md", "not a file")):
+        command = [sys.executable, "-m", "mlpsweep.lecture", "--tracking-uri", sqlite_uri(tmp_path), "--doc", str(path)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and says in result.stderr, result.stderr[-2000:]
+    assert doc.read_text() == "<!-- results:begin -->\nour table\n<!-- results:end -->\n"

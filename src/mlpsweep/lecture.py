@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,9 +170,17 @@ def main() -> None:
     parser.add_argument("--tracking-uri")
     parser.add_argument("--doc", type=Path, default=CONFIG_DIR.parent / "docs" / "lecture.md")
     args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # as the report: no bar per histogram
     try:
+        if not args.doc.is_file():
+            raise ReportError(f"--doc={str(args.doc)!r}: must be the lecture document to rewrite, and it is not a file")
         sweep = open_sweep(args.tracking_uri, args.experiment, args.sweep)[1]
         dropout = open_sweep(args.tracking_uri, args.experiment, args.dropout_sweep)[1] if args.dropout_sweep else None
+        if not any(len(preset_runs(sweep.finished, model.preset)) for model in LECTURE):
+            raise ReportError(
+                f"--sweep={sweep.name!r}: must be a sweep of the lecture's presets (e.g. experiment=lecture/all), "
+                f"and none of its {len(sweep.finished)} finished runs is one; {args.doc} is left as it is"
+            )
     except ReportError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     blocks = {(BEGIN, END): f"Sweep `{sweep.name}` ({len(sweep.finished)} finished runs):\n\n{results_table(sweep)}"}
