@@ -28,8 +28,8 @@ from mlpsweep.report import (
     write_report,
 )
 from mlpsweep.report.analysis import AXES
-from mlpsweep.report.document import REPORT_FILES
 from mlpsweep.report.collect import swept_axes
+from mlpsweep.report.document import REPORT_FILES
 from mlpsweep.stats import summarize, welch_difference
 from mlpsweep.tracking import (
     CONFIG_HASH_TAG,
@@ -144,6 +144,7 @@ def test_report_files_of_a_known_store(known_sweep, tmp_path: Path) -> None:
     assert "relu-none-lr-huge (FAILED)" in markdown and "loss diverged to nan at epoch 1, step 7" in markdown
     assert "job 13: [dropout.p=1.5] ConfigError" in markdown
     assert "13 runs, 12 finished, 2 failed." in markdown and "job 12:" not in markdown  # the diverged run once
+    assert "The sweep did not finish: its parent run is FAILED." in markdown
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 13
     logged = {a.path for a in client.list_artifacts(sweep.parent.info.run_id, "report")}
@@ -381,6 +382,22 @@ def test_a_report_folder_that_cannot_be_written_is_one_line(tmp_path: Path, caps
     fill_store(tmp_path)
     line = report_fails(["--tracking-uri", sqlite_uri(tmp_path), "--out", "/proc/reports"], capsys)
     assert "error: --out='/proc/reports': must be a folder the report can be written in" in line
+
+
+def test_an_interrupted_sweep_says_so(tmp_path: Path) -> None:
+    """A KILLED run is stopped, not failed, and a sweep whose parent did not finish says so."""
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment_id = get_or_create_experiment(client, "mlpsweep")
+    parent = client.create_run(experiment_id, run_name="paused", tags={ROLE_TAG: "sweep"}).info.run_id
+    for status in ("KILLED", "FAILED"):
+        run = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, ROLE_TAG: "job"}).info.run_id
+        client.set_terminated(run, status)
+    client.set_tag(parent, ERROR_TAG, "interrupted with 0 of 2 configs finished")
+    client.set_terminated(parent, "KILLED")
+    out = write_report(client, load_sweep(client, client.get_run(parent)), tmp_path / "reports", baselines={})
+    markdown = (out / "report.md").read_text()
+    assert "2 runs, 0 finished, 1 failed, 1 stopped before they finished (KILLED, or left RUNNING)." in markdown
+    assert "The sweep did not finish: its parent run is KILLED (interrupted with 0 of 2 configs finished)." in markdown
 
 
 def test_safe_names() -> None:

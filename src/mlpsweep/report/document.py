@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from mlpsweep.report import analysis, figures
 from mlpsweep.report.collect import ReportError, Sweep
-from mlpsweep.tracking import OVERRIDES_TAG
+from mlpsweep.tracking import ERROR_TAG, OVERRIDES_TAG
 
 # the longest name of a file or folder the report writes (ASCII: well under any file system's limit)
 MAX_NAME = 100
@@ -264,12 +264,20 @@ def build_report(client: MlflowClient, sweep: Sweep, out: Path, tables: Tables) 
     finished, failed = sweep.finished, sweep.failed
     doc.heading(f"Sweep {sweep.name}", level=1)
     overrides = sweep.parent.data.tags.get(OVERRIDES_TAG, "")
+    stopped = int(failed.status.isin(["KILLED", "RUNNING"]).sum())
     doc.text(
         f"Parent run {sweep.parent.info.run_id}, overrides `{overrides}`: {len(sweep.runs)} runs, "
-        f"{len(finished)} finished, {len(failed) + len(sweep.failed_jobs)} failed. "
-        f"Swept axes: {', '.join(sweep.axes) or 'none'}"
+        f"{len(finished)} finished, {len(failed) - stopped + len(sweep.failed_jobs)} failed"
+        + (f", {stopped} stopped before they finished (KILLED, or left RUNNING)" if stopped else "")
+        + f". Swept axes: {', '.join(sweep.axes) or 'none'}"
         + ("; configs repeat over seeds, so numbers are mean ± std over seeds [95% t-interval]." if sweep.has_seeds else ".")
     )
+    if (status := sweep.parent.info.status) != "FINISHED":
+        why = sweep.parent.data.tags.get(ERROR_TAG)
+        doc.text(
+            f"The sweep did not finish: its parent run is {status}" + (f" ({why})" if why else "")
+            + ". What follows covers the runs that finished; `resume=true` on the sweep's command runs the rest."
+        )
     if finished.empty:
         doc.text("No run of this sweep finished, so there is nothing to compare.")
     else:
@@ -289,7 +297,7 @@ def build_report(client: MlflowClient, sweep: Sweep, out: Path, tables: Tables) 
     doc.heading("Data")
     doc.text("The report's tables as CSV files, beside this report:")
     doc.links([(f"{name}: {what}", name) for name, what in CSV_FILES.items()])
-    doc.heading("Failed runs")
+    doc.heading("Runs that did not finish")
     failures = [f"{r.run_name} ({r.status}) [{r.overrides}]: {r.error or 'no error recorded'}" for r in failed.itertuples()]
     doc.bullets(failures + sweep.failed_jobs or ["none"])
     return doc
