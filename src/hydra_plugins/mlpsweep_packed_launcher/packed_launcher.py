@@ -86,6 +86,10 @@ class PackedLauncher(Launcher):
             for unit in plan.units:
                 pack = [configs[i] for i in unit.pack] if unit.packed else None
                 returns.update(zip(unit.jobs, self._run_unit([configs[i] for i in unit.jobs], pack)))
+        if interrupt.requested() is None:
+            for unit in plan.units:  # a job that trained alone now: the checkpoints of packs it was cut into before
+                if not unit.packed and not unit.resumed and returns[unit.jobs[0]].status == JobStatus.COMPLETED:
+                    forget_pack([configs[unit.jobs[0]]])
         return [returns[i] for i in range(len(configs))]
 
     def _compose(self, overrides: Sequence[str], idx: int) -> DictConfig:
@@ -101,8 +105,7 @@ class PackedLauncher(Launcher):
     def _run_unit(self, sweep_configs: list[DictConfig], pack: list[DictConfig] | None) -> list[JobReturn]:
         """Train the unit's pack (its jobs, or with the jobs of its pack logged before an interrupt:
         see packing.Unit), or nothing for a job that runs alone; then run each of its jobs. The
-        pack's checkpoint goes once every job has run, unless an interrupt stopped them; a job
-        alone that completed takes with it the checkpoints of packs it was cut into before."""
+        pack's checkpoint goes once every job has run, unless an interrupt stopped them."""
         results = None
         if pack is not None:
             nums = {c.hydra.job.num for c in sweep_configs}
@@ -119,11 +122,8 @@ class PackedLauncher(Launcher):
             for result in (results or {}).values():
                 if result.figures is not None:
                     result.figures.close()
-        if interrupt.requested() is None:  # a submitit task's stopped jobs return
-            if pack is not None:
-                forget_pack(pack)
-            elif returns[0].status == JobStatus.COMPLETED:  # the checkpoints of packs it was cut into before
-                forget_pack(sweep_configs)
+        if pack is not None and interrupt.requested() is None:  # a submitit task's stopped jobs return
+            forget_pack(pack)
         return returns
 
     def _run(self, sweep_config: DictConfig, result: MemberResult | None) -> JobReturn:
