@@ -29,6 +29,7 @@ from mlpsweep.checks import INPUT_ERRORS, check_experiment, check_inputs, check_
 from mlpsweep.cli import train
 from mlpsweep.config import ConfigError, check_composition, check_group_overrides
 from mlpsweep.data import IDX_FILES, DataError
+from mlpsweep.sweep import check_optuna_settings
 from mlpsweep.tracking import prepare_store
 
 
@@ -610,22 +611,30 @@ def test_cli_sweep_with_an_unusable_tracking_uri_writes_nothing(tiny_mnist_root:
 
 
 @pytest.mark.parametrize(
-    ("search", "line"),
+    ("search", "lines"),
     [
-        ("trainer.batch_size=0", "trainer.batch_size=0: must be a positive integer"),  # the shared config
-        ("optimizer.lr=choice(-1,0.1)", "optimizer.lr=-1]: optimizer.lr=-1: must be a positive number"),
-        ("trainer.batch_size=range(0,64,16)", "trainer.batch_size=0]: trainer.batch_size=0: must be a positive integer"),
-        ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0: must be an integer of at least 1"),
+        (["trainer.batch_size=0"], ["trainer.batch_size=0: must be a positive integer"]),  # the shared config
+        (
+            ["optimizer.lr=choice(-1,0.1)", "trainer.batch_size=range(0,64,16)"],  # values of the search space
+            ["optimizer.lr=-1]: optimizer.lr=-1: must be a positive number",
+             "trainer.batch_size=0]: trainer.batch_size=0: must be a positive integer"],
+        ),
     ],
-)
-def test_cli_optuna_search_checks_its_settings_and_search_space_before_any_trial(
-    search: str, line: str, tiny_mnist_root: Path, tmp_path: Path
+)  # fmt: skip
+def test_cli_optuna_search_checks_its_config_and_search_space_before_any_trial(
+    search: list[str], lines: list[str], tiny_mnist_root: Path, tmp_path: Path
 ) -> None:
-    """Its shared config, its settings, and each value of its search space that can be named
-    ahead (choices, a range's ends, an interval's lower end): a trial would fail on them, or the
-    study would run none and end with a traceback."""
+    """Its shared config, and each value of its search space that can be named ahead (choices, a
+    range's ends, an interval's lower end): a trial would fail on them."""
     optuna = ["hparams_search=optuna", "hydra.sweeper.n_trials=2"]
-    result = run_cli([*tiny_overrides(tiny_mnist_root), *optuna, search], tmp_path)
+    result = run_cli([*tiny_overrides(tiny_mnist_root), *optuna, *search], tmp_path)
     assert result.returncode == 2
-    assert line in result.stdout + result.stderr
+    assert all(line in result.stdout + result.stderr for line in lines), result.stdout[-2000:]
     assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("settings", [{"n_trials": 0, "n_jobs": 1}, {"n_trials": 5, "n_jobs": -1}, {"n_trials": None}])
+def test_an_optuna_study_that_would_run_no_trial_is_bad_input(settings: dict) -> None:
+    """n_trials=0 ended in a traceback after the sweep's parent run had opened (FINISHED, no job)."""
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.n_(trials|jobs)=.*: must be an integer of at least 1$"):
+        check_optuna_settings(DictConfig({"n_jobs": 1, **settings}))

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from torch import nn
 
+from mlpsweep import lecture
 from mlpsweep.cli import train
 from mlpsweep.config import CONFIG_DIR
 from mlpsweep.lecture import BN_PRESETS, batchnorm_question, dropout_question, preset_axes, verdict
@@ -134,7 +135,9 @@ def test_the_dropout_question_compares_the_mlp_with_and_without_dropout() -> Non
     assert dropout_question(without, with_dropout.iloc[:1]).startswith("Not answered")
 
 
-def test_the_lecture_table_is_not_rewritten_from_a_sweep_without_lecture_runs(tmp_path: Path) -> None:
+def test_the_lecture_table_is_not_rewritten_from_a_sweep_without_lecture_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`python -m mlpsweep.lecture` on a sweep none of whose runs is a lecture preset: one line,
     exit 2, the document untouched (it rewrote every row to 'not run'); a missing --doc likewise."""
     client = MlflowClient(sqlite_uri(tmp_path))
@@ -142,7 +145,8 @@ def test_the_lecture_table_is_not_rewritten_from_a_sweep_without_lecture_runs(tm
     doc = tmp_path / "lecture.md"
     doc.write_text("<!-- results:begin -->\nour table\n<!-- results:end -->\n")
     for path, says in ((doc, "must be a sweep of the lecture's presets"), (tmp_path / "none.md", "not a file")):
-        command = [sys.executable, "-m", "mlpsweep.lecture", "--tracking-uri", sqlite_uri(tmp_path), "--doc", str(path)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and says in result.stderr, result.stderr[-2000:]
+        monkeypatch.setattr(sys, "argv", ["lecture", "--tracking-uri", sqlite_uri(tmp_path), "--doc", str(path)])
+        with pytest.raises(SystemExit) as done:
+            lecture.main()
+        assert done.value.code == 2 and says in capsys.readouterr().err
     assert doc.read_text() == "<!-- results:begin -->\nour table\n<!-- results:end -->\n"
