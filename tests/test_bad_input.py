@@ -314,6 +314,9 @@ def test_a_file_store_is_refused_unless_mlflow_allows_it(uri: str, monkeypatch: 
     refused = f"tracking.uri='{uri}': {URI_ALLOWED} (a folder, file: or a plain path, is a store MLflow 3 refuses"
     with pytest.raises(ConfigError, match=re.escape(refused)):
         check_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "yes")
+    with pytest.raises(ConfigError, match=r"^\$MLFLOW_ALLOW_FILE_STORE: .* but got yes"):
+        check_tracking_uri(uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     check_tracking_uri(uri)
 

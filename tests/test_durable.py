@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO_ROOT, MlflowServer, sqlite_uri, tiny_overrides
 from mlflow.tracking import MlflowClient
 
+from mlpsweep.sweep import LAUNCHER_TAG
 from mlpsweep.tracking import CONFIG_HASH_TAG, ERROR_TAG, ROLE_TAG, describe, prepare_store
 
 pytestmark = pytest.mark.slow
@@ -149,6 +150,21 @@ def test_resume_refuses_a_sweep_that_is_still_running(tiny_mnist_root: Path, tmp
         assert process.wait(timeout=120) in (0, 130)
     (parent,), _ = store_runs(sqlite_uri(tmp_path))  # the running sweep was left alone
     assert parent.info.status in ("KILLED", "FINISHED")
+
+    # a resumed launcher is refused likewise (the parent run started before it: its start is in a tag)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    resumed = subprocess.Popen(sweep + ["resume=true"], cwd=tmp_path, **quiet)
+    try:
+        client, deadline = MlflowClient(sqlite_uri(tmp_path)), time.monotonic() + 120
+        while client.get_run(parent.info.run_id).data.tags.get(LAUNCHER_TAG, "").split(":")[-1] != str(resumed.pid):
+            assert resumed.poll() is None and time.monotonic() < deadline, "the resumed launcher never took the sweep"
+            time.sleep(0.2)
+        third = run(sweep + ["resume=true"], tmp_path)
+        assert third.returncode == 2
+        assert f"is still running (its launcher is process {resumed.pid})" in third.stdout + third.stderr
+    finally:
+        resumed.send_signal(signal.SIGINT)
+        assert resumed.wait(timeout=120) in (0, 130)
 
 
 def test_a_sweep_name_is_one_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:

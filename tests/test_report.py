@@ -373,6 +373,11 @@ def test_sweeps_whose_names_meet_in_one_folder_keep_their_reports_apart(tmp_path
     assert (first / "figures" / "left_over.png").is_file()  # another sweep's report: not touched
     assert write_report(client, load_sweep(client, client.get_run(parents[0])), tmp_path / "reports", {}) == first
     assert not (first / "figures" / "left_over.png").exists() and (first / "notes.txt").is_file()
+    users = tmp_path / "mine" / "a_b"  # a folder of the user's that the sweep's name meets: left alone
+    (users / "figures").mkdir(parents=True)
+    (users / "figures" / "plot.png").write_bytes(b"the user's own figure")
+    elsewhere = write_report(client, load_sweep(client, client.get_run(parents[0])), tmp_path / "mine", {})
+    assert elsewhere == tmp_path / "mine" / f"a_b-{parents[0]}" and (users / "figures" / "plot.png").is_file()
     for parent in parents:
         logged = {a.path for a in client.list_artifacts(parent, "report")}
         assert logged == {f"report/{name}" for name in REPORT_FILES}, parent  # no notes.txt, no left-over figure

@@ -26,6 +26,7 @@ from mlpsweep.tracking import (
     redacted,
     resolve_tracking_uri,
     split_datasets,
+    unanswered,
 )
 
 
@@ -164,7 +165,19 @@ def test_system_metrics_when_asked(tiny_cfg: Callable[..., DictConfig], tmp_path
         ("https://user:p%40ss@example.com/mlflow and mysql://a:b@c/d", "https://user:***@example.com/mlflow and mysql://a:***@c/d"),
         ("http://127.0.0.1:5000/#/experiments/1", "http://127.0.0.1:5000/#/experiments/1"),  # a port is no password
         ("mysql+pymysql://u@host/db sqlite:////data/a@b.db", "mysql+pymysql://u@host/db sqlite:////data/a@b.db"),
+        ("postgresql://u:p/x@host/db", "postgresql://u:***@host/db"),  # a password with a slash
+        ("postgresql://h/db?user=u&password=secret&sslmode=require", "postgresql://h/db?user=u&password=***&sslmode=require"),
     ],
 )
 def test_a_uri_password_is_never_shown(text: str, shown: str) -> None:
     assert redacted(text) == shown
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["postgresql://u@localhost/db?host=/var/run/postgresql", "mysql+pymysql://u:p@localhost/db?unix_socket=/run/x.sock",
+     "mssql+pyodbc://u:p@MyDataSource", "sqlite:///mlflow.db"],
+)  # fmt: skip
+def test_a_store_on_a_local_socket_or_a_data_source_is_not_probed(uri: str) -> None:
+    """No TCP port to knock on: the store is left to MLflow (a probe would refuse a working one)."""
+    assert unanswered(uri) is None

@@ -48,7 +48,12 @@ def check_tracking_uri(uri: str, key: str = "tracking.uri") -> None:
     require(known and (scheme != "sqlite" or uri.startswith("sqlite:///")), key, redacted(uri), TRACKING_URIS)
     file_store = f"{TRACKING_URIS} (a folder, file: or a plain path, is a store MLflow 3 refuses unless " \
         "MLFLOW_ALLOW_FILE_STORE=true; `mlflow migrate-filestore` moves one into sqlite:///mlflow.db)"  # fmt: skip
-    require(scheme not in ("", "file") or MLFLOW_ALLOW_FILE_STORE.get(), key, redacted(uri), file_store)
+    if scheme in ("", "file"):
+        try:
+            allowed = MLFLOW_ALLOW_FILE_STORE.get()
+        except ValueError as err:  # e.g. MLFLOW_ALLOW_FILE_STORE=yes
+            raise ConfigError(f"$MLFLOW_ALLOW_FILE_STORE: {err}") from None
+        require(allowed, key, redacted(uri), file_store)
 
 
 def check_tracking_server(tracking_uri: str) -> None:

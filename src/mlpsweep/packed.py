@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 PACKED_OPTIMIZERS = ("sgd", "adam", "adamw")
 # the optimizer settings PackedOptimizer reads from each member's parameter group; any other set
 # to what its torch.optim class does not do by default has no packed update
-PACKED_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "decoupled_weight_decay")
+PACKED_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "decoupled_weight_decay",
+                   "foreach", "fused", "capturable", "differentiable")  # the last four: how torch computes, not what
 
 
 def pack_key(cfg: DictConfig) -> str:
@@ -433,7 +434,8 @@ class PackedOptimizer:
             values["beta1"].append(float(betas[0]))
             values["beta2"].append(float(betas[1]))
             values["eps"].append(float(group.get("eps", 0.0)))
-            values["decoupled"].append(float(bool(group.get("decoupled_weight_decay", False))))  # AdamW's is true
+            # AdamW's is true (a group of a torch before 2.8's AdamW, not yet Adam's subclass, lacks the key)
+            values["decoupled"].append(float(bool(group.get("decoupled_weight_decay", self.kind == "adamw"))))
         for name, tensor in self.hypers.items():
             tensor.copy_(torch.tensor(values[name], dtype=torch.float64), non_blocking=True)
         if self.momentum is None:

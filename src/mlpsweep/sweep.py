@@ -29,7 +29,7 @@ import psutil
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, Run
@@ -60,6 +60,7 @@ from mlpsweep.tracking import (
     latest_attempts,
     prepare_store,
     redacted,
+    refuse_deleted,
     resolve_tracking_uri,
     server_outage,
     sqlite_database,
@@ -80,6 +81,7 @@ SWEEP_OVERRIDES_TAG = "mlpsweep.sweep_overrides"
 # stops the sweep itself on an interrupt, a job in a worker process leaves that to the launcher
 LAUNCHER_PID_ENV = "MLPSWEEP_LAUNCHER_PID"
 LAUNCHER_TAG = "mlpsweep.launcher"  # host:pid of the process running the sweep
+LAUNCHER_STARTED_TAG = "mlpsweep.launcher_started"  # when that process started (seconds since the epoch)
 NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI (markdown)
 
 
@@ -104,19 +106,24 @@ def sweep_overrides(config: DictConfig) -> list[Override]:
 
 def search_space_probes(config: DictConfig) -> list[list[str]]:
     """For a sweeper that samples its jobs (Optuna): the shared config, and it with each value of
-    the search space that can be named ahead: every choice, a range's first and last value, an
-    interval's lower end (its upper one is never sampled, as in dropout.p=interval(0, 1))."""
+    the search space that can be named ahead: every choice, a range's ends (Optuna samples its
+    stop too), an interval's lower end (its upper one is never sampled, as in
+    dropout.p=interval(0, 1)). ConfigError for a range or choice with no value."""
     fixed = fixed_overrides(config)
     probes = [fixed]
     for override in sweep_overrides(config):
         if not override.is_sweep_override():
             continue
-        if isinstance(override.value(), IntervalSweep):
-            values = [str(override.value().start)]
+        value = override.value()
+        if isinstance(value, IntervalSweep):
+            values = [str(value.start)]
+        elif isinstance(value, RangeSweep) and not value.shuffle:  # Optuna samples start .. stop, both ends
+            values = [str(value.start), str(value.stop)] if value.start < value.stop else []
         else:
             values = list(override.sweep_string_iterator())
-            values = values if isinstance(override.value(), ChoiceSweep) else [values[0], values[-1]][: len(values)]
-        probes += [[*fixed, f"{override.get_key_element()}={value}"] for value in values]
+        written = (override.input_line or "").partition("=")[2]
+        require(bool(values), override.get_key_element(), written, "a search space with at least one value")
+        probes += [[*fixed, f"{override.get_key_element()}={v}"] for v in values]
     return probes
 
 
@@ -169,9 +176,9 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
     optuna = config.hydra.sweeper._target_ == OPTUNA_SWEEPER
     # the packed launcher composes every job before it launches any: it takes the jobs composed here
     keep = config.hydra.launcher._target_ == PACKED_LAUNCHER and jobs is not None
-    if jobs is None:
-        jobs = search_space_probes(config) if optuna else [fixed_overrides(config)]
     try:
+        if jobs is None:
+            jobs = search_space_probes(config) if optuna else [fixed_overrides(config)]
         check_tracking_server(resolve_tracking_uri(config.tracking.uri))  # once for the sweep
         if config.hydra.launcher._target_ == PACKED_LAUNCHER:
             launcher = config.hydra.launcher
@@ -308,6 +315,7 @@ def _earlier_parents(tracking_uri: str, experiment: str, keys: list[str]) -> lis
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
+    refuse_deleted(found)  # before any other word on its sweeps
     for key in dict.fromkeys(keys):
         runs = client.search_runs(
             [found.experiment_id],
@@ -345,8 +353,12 @@ def _refuse_running(parent: Run) -> None:
         return
     try:
         launcher = psutil.Process(int(pid))
-        alive = launcher.create_time() <= parent.info.start_time / 1000  # not a later process with its pid
-    except psutil.Error:
+        started = parent.data.tags.get(LAUNCHER_STARTED_TAG)
+        if started is not None:  # the process that set the tag, not a later one with its pid
+            alive = abs(launcher.create_time() - float(started)) < 1
+        else:  # a parent tagged before LAUNCHER_STARTED_TAG: its first launcher
+            alive = launcher.create_time() <= parent.info.start_time / 1000
+    except (psutil.Error, ValueError):
         return
     if alive:
         raise ConfigError(
@@ -388,6 +400,7 @@ def _open_sweep(config: DictConfig, expected: set[str] | None, tracking_uri: str
                 client.delete_tag(parent.info.run_id, tag)
         client.update_run(parent.info.run_id, status="RUNNING")
         client.set_tag(parent.info.run_id, LAUNCHER_TAG, _this_process())
+        client.set_tag(parent.info.run_id, LAUNCHER_STARTED_TAG, str(psutil.Process().create_time()))
         log.info(f"MLflow: resuming sweep {parent.info.run_name}, parent run {parent.info.run_id}")
     else:
         name = config.tracking.sweep_name or datetime.now().strftime("sweep-%Y-%m-%d_%H-%M-%S")
@@ -398,6 +411,7 @@ def _open_sweep(config: DictConfig, expected: set[str] | None, tracking_uri: str
             OVERRIDES_TAG: redacted(" ".join(config.hydra.overrides.task)),
             "mlpsweep.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
             LAUNCHER_TAG: _this_process(),
+            LAUNCHER_STARTED_TAG: str(psutil.Process().create_time()),
         }
         parent = client.create_run(experiment_id, run_name=name, tags=tags)
         client.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in swept_values(config).items()])

@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import mlflow
 import numpy as np
@@ -103,13 +103,14 @@ def _session_busy_timeout(conn, cursor, statement: str, parameters, context, exe
 # the default ports of the database servers MLflow's SQLAlchemy store connects to
 DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 # the password of a URI (scheme://user:password@host): never printed, never logged to the store
-_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*\\?://[^:/@\s]*:)[^@\s/]*@")  # Hydra writes \: for :
+# (scheme://user: up to the last @ of the URI; Hydra writes \: for :), or a password=... query parameter
+_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*\\?://[^:/@\s]*:)[^\s]*@|(?P<query>\bpassword=)[^&\s]*")
 
 
 def redacted(text: str) -> str:
     """`text` with the password of every URI in it as *** (a tracking URI in a log line, a param,
     the overrides)."""
-    return _PASSWORD.sub(r"\g<head>***@", text)
+    return _PASSWORD.sub(lambda m: f"{m['head']}***@" if m["head"] else f"{m['query']}***", text)
 
 
 def redact_log_records() -> None:
@@ -147,8 +148,11 @@ def unanswered(tracking_uri: str) -> str | None:
         address = (parts.hostname, parts.port or default_port)
     except ValueError:  # a port that is no number: MLflow says so itself
         return None
-    if default_port is None or not parts.hostname:  # a file, or a database on a local socket
-        return None
+    query = {key for key, _ in parse_qsl(parts.query)}
+    if default_port is None or not parts.hostname or query & {"host", "unix_socket", "unix_sock"}:
+        return None  # a file, or a database on a local socket
+    if parts.scheme.startswith("mssql") and parts.port is None:
+        return None  # an ODBC data source's name, not a host
     try:
         socket.create_connection(address, timeout=5).close()
     except OSError as err:
@@ -657,7 +661,7 @@ def _end_stopped_run(err: BaseException) -> None:
             mlflow.set_tag(ERROR_TAG, f"interrupted ({reason}); resume=true continues it from its last checkpoint")
         else:
             mlflow.set_tag(ERROR_TAG, redacted(describe(err)))
-            mlflow.log_text(traceback.format_exc(), "traceback.txt")
+            mlflow.log_text(redacted(traceback.format_exc()), "traceback.txt")
     except Exception:
         log.exception(f"could not record why run {run_id} stopped")
     finally:
@@ -679,7 +683,7 @@ def log_missing_epochs(history: Sequence[EpochMetrics]) -> None:
 def describe(err: BaseException) -> str:
     """One line: the error's type and the first line of its message, without any SQL statement
     a database error carries."""
-    message = str(err).split("[SQL:")[0].strip().splitlines()
+    message = redacted(str(err)).split("[SQL:")[0].strip().splitlines()
     return f"{type(err).__name__}: {message[0] if message else ''}"[:500]
 
 

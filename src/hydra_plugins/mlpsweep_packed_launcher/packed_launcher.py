@@ -24,6 +24,7 @@ from mlpsweep import interrupt
 from mlpsweep.config import require
 from mlpsweep.packed import MemberResult, member_result
 from mlpsweep.packing import Unit, composed, forget_pack, plan_packs, train_pack, warn_of_old_cuts
+from mlpsweep.tracking import redact_log_records
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class PackedLauncher(Launcher):
         trained as one pack with the others (see packing.Unit) where `packed`, or a job alone."""
         Singleton.set_state(state)
         setup_globals()
+        redact_log_records()  # before the first overrides line of this task's log
         interrupt.install(launcher=False)
         configs = [self._compose(o, num) for o, num in zip(overrides, job_nums)]
         pack = sorted(configs, key=lambda c: c.hydra.job.num) if packed else None  # in job order, as plan_packs cut it

@@ -372,21 +372,27 @@ OWNER_FILE = ".sweep_run_id"  # in a report's folder: the parent run whose repor
 
 def report_folder(out_root: Path, sweep: Sweep) -> Path:
     """The sweep's folder in out_root, made ready: out_root/<sweep name> (a safe name, else the run
-    id), or where another sweep's report holds that name (names that differ in characters a safe
-    name drops, e.g. `a/b` and `a b`) out_root/<name>-<run id>. An earlier report of this sweep
-    there is cleared (its figures may not all be drawn again); other files are left alone."""
+    id), or, where that folder holds anything but this sweep's report (another sweep's, whose name
+    differs in characters a safe name drops, e.g. `a/b` and `a b`; a folder of the user's),
+    out_root/<name>-<run id>. An earlier report of this sweep there is cleared (its figures may not
+    all be drawn again); nothing else is ever removed."""
     run_id = sweep.parent.info.run_id
     name = safe_name(sweep.name or "", run_id)
+
+    def owner(folder: Path) -> str | None:
+        return (folder / OWNER_FILE).read_text().strip() if (folder / OWNER_FILE).is_file() else None
+
     out = out_root / name
-    if (out / OWNER_FILE).is_file() and (out / OWNER_FILE).read_text().strip() != run_id:
+    if out.is_dir() and owner(out) != run_id and any(out.iterdir()):
         out = out_root / f"{name}-{run_id}"
     if not out.resolve().is_relative_to(out_root.resolve()):  # out_root/<name> is a link that leads elsewhere
         raise ReportError(f"--out={str(out_root)!r}: must be a folder the report stays in, and {out} leads outside it")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for file in REPORT_FILES:
-            (out / file).unlink(missing_ok=True)
-        shutil.rmtree(out / "figures", ignore_errors=True)
+        if owner(out) == run_id:
+            for file in REPORT_FILES:
+                (out / file).unlink(missing_ok=True)
+            shutil.rmtree(out / "figures", ignore_errors=True)
         (out / OWNER_FILE).write_text(run_id)
     except OSError as err:
         raise ReportError(f"--out={str(out_root)!r}: must be a folder the report can be written in ({err})") from None
