@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,17 @@ def histories(store: str, run_id: str) -> dict[str, list]:
             for key in ("loss/train", "loss/val", "accuracy/val", "accuracy/test")}  # fmt: skip
 
 
+def wait_until(process: subprocess.Popen, condition: Callable[[], bool], what: str) -> None:
+    """Until `condition()`, while `process` runs (at most 2 minutes)."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.02)
+
+
 def wait_for_a_checkpoint(process: subprocess.Popen, checkpoints: Path) -> None:
     """Until a job of `process` has finished its first epoch (and written its checkpoint)."""
-    deadline = time.monotonic() + 120
-    while not any(checkpoints.glob("*.pt")):
-        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.02)
+    wait_until(process, lambda: any(checkpoints.glob("*.pt")), "a checkpoint")
 
 
 def test_ctrl_c_pauses_the_sweep_and_resume_completes_it_under_one_parent(tiny_mnist_root: Path, tmp_path: Path) -> None:
@@ -136,35 +142,32 @@ def test_ctrl_c_in_a_terminal_stops_a_joblib_sweep_with_more_workers_than_jobs(t
     assert parent.info.status == "KILLED" and children and {c.info.status for c in children} == {"KILLED"}
 
 
+def refused_while_it_runs(launcher: subprocess.Popen, sweep: list[str], cwd: Path, running: Callable[[], bool]) -> None:
+    """Once `running()`, `resume=true` of `sweep` is refused (exit 2) naming `launcher`, which is stopped then."""
+    try:
+        wait_until(launcher, running, "the launcher taking the sweep")
+        again = run(sweep + ["resume=true"], cwd)
+        assert again.returncode == 2
+        assert f"is still running (its launcher is process {launcher.pid})" in again.stdout + again.stderr
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=120) in (0, 130)
+
+
 def test_resume_refuses_a_sweep_that_is_still_running(tiny_mnist_root: Path, tmp_path: Path) -> None:
     # long enough to be still running when the second launch has started (it is stopped below)
     sweep = command(tiny_mnist_root, tmp_path, "activation=sigmoid,relu", *LONG, "trainer.max_epochs=100000")
-    process = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_a_checkpoint(process, tmp_path / "checkpoints")
-        second = run(sweep + ["resume=true"], tmp_path)
-        assert second.returncode == 2
-        assert f"is still running (its launcher is process {process.pid})" in second.stdout + second.stderr
-    finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) in (0, 130)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    first = subprocess.Popen(sweep, cwd=tmp_path, **quiet)
+    refused_while_it_runs(first, sweep, tmp_path, lambda: any((tmp_path / "checkpoints").glob("*.pt")))
     (parent,), _ = store_runs(sqlite_uri(tmp_path))  # the running sweep was left alone
     assert parent.info.status in ("KILLED", "FINISHED")
 
     # a resumed launcher is refused likewise (the parent run started before it: its start is in a tag)
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     resumed = subprocess.Popen(sweep + ["resume=true"], cwd=tmp_path, **quiet)
-    try:
-        client, deadline = MlflowClient(sqlite_uri(tmp_path)), time.monotonic() + 120
-        while client.get_run(parent.info.run_id).data.tags.get(LAUNCHER_TAG, "").split(":")[-1] != str(resumed.pid):
-            assert resumed.poll() is None and time.monotonic() < deadline, "the resumed launcher never took the sweep"
-            time.sleep(0.2)
-        third = run(sweep + ["resume=true"], tmp_path)
-        assert third.returncode == 2
-        assert f"is still running (its launcher is process {resumed.pid})" in third.stdout + third.stderr
-    finally:
-        resumed.send_signal(signal.SIGINT)
-        assert resumed.wait(timeout=120) in (0, 130)
+    client = MlflowClient(sqlite_uri(tmp_path))
+    launcher_pid = lambda: client.get_run(parent.info.run_id).data.tags.get(LAUNCHER_TAG, "").split(":")[-1]  # noqa: E731
+    refused_while_it_runs(resumed, sweep, tmp_path, lambda: launcher_pid() == str(resumed.pid))
 
 
 def test_a_sweep_name_is_one_sweep(tiny_mnist_root: Path, tmp_path: Path) -> None:
