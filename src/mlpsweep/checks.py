@@ -24,7 +24,14 @@ from omegaconf import DictConfig, open_dict
 from mlpsweep.config import ConfigError, launch_dir, problem, require, validate_config
 from mlpsweep.data import DataError, check_data_files
 from mlpsweep.engine import resolve_device
-from mlpsweep.tracking import redacted, refuse_deleted, resolve_tracking_uri, sqlite_database, store_lock, unanswered
+from mlpsweep.tracking import (
+    redacted,
+    refuse_deleted,
+    resolve_tracking_uri,
+    sqlite_store_missing,
+    store_lock,
+    unanswered,
+)
 
 INPUT_ERRORS = (ConfigError, DataError)
 
@@ -46,13 +53,13 @@ def check_tracking_uri(uri: str, key: str = "tracking.uri") -> None:
     scheme = uri_scheme(uri)
     known = scheme == "" or TRACKING_SCHEMES.fullmatch(scheme) is not None
     require(known and (scheme != "sqlite" or uri.startswith("sqlite:///")), key, redacted(uri), TRACKING_URIS)
-    file_store = f"{TRACKING_URIS} (a folder, file: or a plain path, is a store MLflow 3 refuses unless " \
-        "MLFLOW_ALLOW_FILE_STORE=true; `mlflow migrate-filestore` moves one into sqlite:///mlflow.db)"  # fmt: skip
     if scheme in ("", "file"):
         try:
             allowed = MLFLOW_ALLOW_FILE_STORE.get()
         except ValueError as err:  # e.g. MLFLOW_ALLOW_FILE_STORE=yes
             raise ConfigError(f"$MLFLOW_ALLOW_FILE_STORE: {err}") from None
+        file_store = f"{TRACKING_URIS} (a folder, file: or a plain path, is a store MLflow 3 refuses unless " \
+            "MLFLOW_ALLOW_FILE_STORE=true; `mlflow migrate-filestore` moves one into sqlite:///mlflow.db)"  # fmt: skip
         require(allowed, key, redacted(uri), file_store)
 
 
@@ -70,8 +77,7 @@ def check_tracking_server(tracking_uri: str) -> None:
 
 def check_experiment(tracking_uri: str, experiment: str) -> None:
     """The experiment is not one deleted in an existing store (a sweep finds out as it opens)."""
-    database = sqlite_database(tracking_uri)
-    if database is not None and not database.is_file():
+    if sqlite_store_missing(tracking_uri):
         return  # a new store: the experiment is made with it
     with store_lock(tracking_uri):
         refuse_deleted(MlflowClient(tracking_uri).get_experiment_by_name(experiment))

@@ -63,7 +63,7 @@ from mlpsweep.tracking import (
     refuse_deleted,
     resolve_tracking_uri,
     server_outage,
-    sqlite_database,
+    sqlite_store_missing,
     store_lock,
 )
 
@@ -308,8 +308,7 @@ def _earlier_parents(tracking_uri: str, experiment: str, keys: list[str]) -> lis
     """The parent runs of the sweep already in the store, latest first, by the first of its `keys`
     that has any (none without a store); the caller holds the store's lock (a store another sweep
     is creating is opened once its migration is done)."""
-    database = sqlite_database(tracking_uri)
-    if database is not None and not database.is_file():
+    if sqlite_store_missing(tracking_uri):
         return []
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -415,7 +414,7 @@ def _open_sweep(config: DictConfig, expected: set[str] | None, tracking_uri: str
         }
         parent = client.create_run(experiment_id, run_name=name, tags=tags)
         client.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in swept_values(config).items()])
-        log.info(f"MLflow: sweep {name} is parent run {parent.info.run_id} in {redacted(client.tracking_uri)}")
+        log.info(f"MLflow: sweep {name} is parent run {parent.info.run_id} in {client.tracking_uri}")
     os.environ[PARENT_RUN_ENV] = parent.info.run_id
     os.environ[LAUNCHER_PID_ENV] = _this_process()
     return SweepSession(client, parent.info.run_id, parent.info.run_name, expected, planned=expected is not None)
@@ -494,12 +493,12 @@ def _close(session: SweepSession, stop: BaseException | None) -> int:
         missing = len(expected) - len(finished)
         reason = f"{missing} of {len(expected)} configs did not finish" if missing else f"stopped with {of_expected} finished"
         reason += f" ({describe(stop)})" if stop else ""
-        client.set_tag(parent_id, ERROR_TAG, redacted(f"{reason}; rerun failed and missing ones with resume=true"))
+        client.set_tag(parent_id, ERROR_TAG, f"{reason}; rerun failed and missing ones with resume=true")
         client.set_terminated(parent_id, "FAILED")
         log.error(f"sweep {session.name}: {reason}; rerun the failed and missing ones with: {resume_command()}")
         return 1
     reason = f"interrupted with {of_expected} finished"
-    client.set_tag(parent_id, ERROR_TAG, redacted(f"{reason}; resume=true continues it"))
+    client.set_tag(parent_id, ERROR_TAG, f"{reason}; resume=true continues it")
     client.set_terminated(parent_id, "KILLED")
     log.warning(f"sweep {session.name} {reason}; continue it with: {resume_command()}")
     return 130
@@ -570,7 +569,7 @@ class MlflowSweepCallback(Callback):
             problems = [str(err)]
         except Exception as err:  # e.g. the store: Hydra would only warn, and run the jobs without a parent
             uri = resolve_tracking_uri(config.tracking.uri)
-            log.error(f"the sweep could not start ({describe(err)}); tracking store: {redacted(uri)}")
+            log.error(f"the sweep could not start ({describe(err)}); tracking store: {uri}")
             raise SystemExit(1) from None
         if problems:
             for problem in problems:

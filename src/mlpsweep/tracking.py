@@ -234,6 +234,12 @@ def sqlite_database(tracking_uri: str) -> Path | None:
     return Path(tracking_uri.removeprefix("sqlite:///")).resolve() if tracking_uri.startswith("sqlite:///") else None
 
 
+def sqlite_store_missing(tracking_uri: str) -> bool:
+    """Whether the store is a SQLite one whose file does not exist yet (nothing in it to read)."""
+    database = sqlite_database(tracking_uri)
+    return database is not None and not database.is_file()
+
+
 def artifact_location(tracking_uri: str) -> str | None:
     """For a SQLite store, `mlartifacts/` beside the database file; otherwise the server decides."""
     database = sqlite_database(tracking_uri)
@@ -660,7 +666,7 @@ def _end_stopped_run(err: BaseException) -> None:
             reason = str(err) if isinstance(err, Interrupted) else f"{type(err).__name__}, stopped at once"
             mlflow.set_tag(ERROR_TAG, f"interrupted ({reason}); resume=true continues it from its last checkpoint")
         else:
-            mlflow.set_tag(ERROR_TAG, redacted(describe(err)))
+            mlflow.set_tag(ERROR_TAG, describe(err))
             mlflow.log_text(redacted(traceback.format_exc()), "traceback.txt")
     except Exception:
         log.exception(f"could not record why run {run_id} stopped")

@@ -366,7 +366,7 @@ def safe_name(text: str, fallback: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:MAX_NAME].strip("._-") or fallback
 
 
-REPORT_FILES = ("report.md", "report.html", "runs.csv", "cells.csv", "anova.csv", "effects.csv")
+REPORT_FILES = ("report.md", "report.html", *CSV_FILES)
 OWNER_FILE = ".sweep_run_id"  # in a report's folder: the parent run whose report it holds
 
 
