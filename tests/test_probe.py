@@ -202,6 +202,33 @@ def test_a_figure_drawn_on_a_kept_figure_is_the_one_drawn_afresh(drawing: str, t
     assert np.array_equal(afresh, kept), f"{np.mean(afresh != kept):.2%} of the pixels differ"
 
 
+def test_a_histogram_is_what_matplotlib_stairs_draws() -> None:
+    """draw_histogram gives its steps' data limits itself instead of matplotlib's bound of their
+    path: the axes must still come out as `ax.stairs` draws them (limits, baseline, legend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(1)
+    histograms = [np.histogram(rng.normal(mean, scale, 4000), 60) for mean, scale in ((0, 1), (1, 3))]
+
+    def pixels(draw: Callable[..., None]) -> np.ndarray:
+        fig = Figure(figsize=(4, 3))
+        canvas = FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for (counts, edges), color in zip(histograms, ("tab:blue", "tab:orange")):
+            draw(ax, edges.tolist(), counts.tolist(), label=color, color=color)
+        ax.legend()
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba()).copy()
+
+    def stairs(ax: Any, edges: list[float], counts: list[int], label: str, color: str) -> None:
+        ax.stairs(counts, edges, label=label, color=color, fill=True, alpha=0.35)
+        ax.stairs(counts, edges, color=color)
+
+    drawn, expected = pixels(figures.draw_histogram), pixels(stairs)
+    assert np.array_equal(drawn, expected), f"{np.mean(drawn != expected):.2%} of the pixels differ"
+
+
 def test_a_nan_test_loss_fails_the_run_with_its_probe_figures_and_no_test_metric(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:

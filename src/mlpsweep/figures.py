@@ -6,7 +6,11 @@ per worker start.
 A sweep draws the same figures for every run, so each drawing keeps its figure for the next one of
 the same layout: the data are cleared, the axes and their ticks stay (building them is about a
 third of drawing a small figure). A returned figure is therefore valid until the next drawing of
-its kind and layout in this process: save it before drawing another."""
+its kind and layout in this process: save it before drawing another.
+
+Titles sit at a fixed height above their axes (`axes.titley`): matplotlib's own placement measures
+every tick label of the figure first, an eighth of a figure's drawing, for axes that have no tick
+labels or offset text above them here."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ matplotlib.use("Agg")  # files only, never a window
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import StepPatch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 STAGE_COLORS = {"linear": "tab:blue", "norm": "tab:orange", "act": "tab:green"}
@@ -35,7 +40,8 @@ def _cleared(
     key = (drawing, rows, cols, figsize, tuple(sorted(adjust.items())))
     if key not in _kept:
         fig = Figure(figsize=figsize)  # not pyplot's: nothing to close, nothing kept by pyplot
-        axes = fig.subplots(rows, cols, squeeze=False)
+        with matplotlib.rc_context({"axes.titley": 1.0}):  # read as the axes are made, kept for their life
+            axes = fig.subplots(rows, cols, squeeze=False)
         fig.subplots_adjust(**adjust)
         _kept[key] = fig, axes
     fig, axes = _kept[key]
@@ -51,9 +57,16 @@ def _cleared(
 
 
 def draw_histogram(ax: Axes, edges: Sequence[float], counts: Sequence[int], label: str, color: str) -> None:
-    """A histogram from precomputed bin edges and counts, as a step outline over a light fill."""
-    ax.stairs(counts, edges, label=label, color=color, fill=True, alpha=0.35)
-    ax.stairs(counts, edges, color=color)
+    """A histogram from precomputed bin edges and counts, as a step outline over a light fill: what
+    `ax.stairs` draws, with the data limits given as the histogram's corners (matplotlib's bound of
+    the steps' path, segment by segment, is a tenth of a probe grid's drawing)."""
+    fill = StepPatch(counts, edges, baseline=0, fill=True, linewidth=0, facecolor=color, alpha=0.35, label=label)
+    outline = StepPatch(counts, edges, baseline=0, fill=False, edgecolor=color)
+    for patch in (fill, outline):
+        ax.add_artist(patch)
+        patch.sticky_edges.y.append(0)  # no margin below the baseline, as ax.stairs
+    ax.update_datalim([(edges[0], 0), (edges[-1], max(counts, default=0))])
+    ax.autoscale_view()
 
 
 def learning_curves(history: Sequence[Mapping[str, float]], title: str) -> Figure:
@@ -107,6 +120,7 @@ def probe_grid(epoch: int, layers: Mapping[str, Mapping[str, Any]], title: str) 
         health = {k: v for k, v in stats.items() if k.endswith("_frac")}
         row[1].set_title(f"{name}: activation " + " ".join(f"({k} {v:.2f})" for k, v in health.items()), fontsize=9)
         row[2].scatter(layer["sample_pre"], layer["sample_post"], s=4, alpha=0.6, color="tab:purple")
+        row[2].yaxis.get_major_formatter().set_useOffset(False)  # no offset text under the fixed title
         row[2].set_title(f"{name}: pre vs post, one image", fontsize=9)
         row[2].set(xlabel="activation input", ylabel="activation output")
     fig.suptitle(f"{title}, epoch {epoch}")

@@ -61,7 +61,8 @@ def draw(drawing: str, args: tuple[Any, ...], path: str, dpi: float | None) -> s
 
     if drawing not in DRAWINGS:
         raise ValueError(f"no drawing {drawing!r}; drawings: {', '.join(DRAWINGS)}")
-    getattr(figures, drawing)(*args).savefig(path, dpi=dpi or "figure")
+    # zlib's fastest level: a third of the PNG encoder's time, files about a quarter larger
+    getattr(figures, drawing)(*args).savefig(path, dpi=dpi or "figure", pil_kwargs={"compress_level": 1})
     return path
 
 
