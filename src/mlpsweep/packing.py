@@ -80,20 +80,6 @@ class PackPlan:
         return "\n".join(lines)
 
 
-# the sweep configs that the sweep's preflight composed, for the packed launcher to take (composed once)
-_composed: dict[tuple[str, ...], DictConfig] = {}
-
-
-def keep_composed(overrides: Sequence[str], sweep_config: DictConfig) -> None:
-    """Keep a job's sweep config, composed by the sweep's preflight, for the packed launcher."""
-    _composed[tuple(overrides)] = sweep_config
-
-
-def composed(overrides: Sequence[str]) -> DictConfig | None:
-    """The sweep config of the job with these overrides, if the sweep's preflight kept it (once)."""
-    return _composed.pop(tuple(overrides), None)
-
-
 def task_config(sweep_config: DictConfig) -> DictConfig:
     """A job's config as its task sees it: without the `hydra` node."""
     cfg = sweep_config.copy()

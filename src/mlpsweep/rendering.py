@@ -81,19 +81,35 @@ def _exit_with(parent_sentinel: int) -> None:
     os._exit(1)
 
 
+def _worker_count(every_core: bool) -> int:
+    cores = os.cpu_count() or 2
+    return max(1, min(4, cores if every_core else cores // 2))
+
+
 def worker_pool(every_core: bool) -> ProcessPoolExecutor:
     """The process's figure workers, started on first use (spawned: no copy of torch's threads or
     CUDA): one per core, or for half the cores where jobs train while they draw."""
     if every_core not in _pools:
-        cores = os.cpu_count() or 2
         pool = ProcessPoolExecutor(
-            max_workers=max(1, min(4, cores if every_core else cores // 2)),
+            max_workers=_worker_count(every_core),
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
         )
         atexit.register(pool.shutdown, wait=True, cancel_futures=True)
         _pools[every_core] = pool
     return _pools[every_core]
+
+
+def start_workers(every_core: bool) -> None:
+    """Start the figure workers now instead of at the first figure: each imports matplotlib (0.7 s
+    of a core) while a sweep's start leaves a core idle, and is ready when the first figure comes."""
+    pool = worker_pool(every_core)
+    for _ in range(_worker_count(every_core)):  # a pool of spawned workers starts one per waiting task
+        pool.submit(_ready)
+
+
+def _ready() -> None:
+    from mlpsweep import figures  # noqa: F401  (matplotlib, for the worker's first figure)
 
 
 def _forget_pool(every_core: bool) -> None:

@@ -23,7 +23,7 @@ from hydra_plugins.mlpsweep_packed_launcher.config import Backend, Cluster
 from mlpsweep import interrupt
 from mlpsweep.config import require
 from mlpsweep.packed import MemberResult, member_result
-from mlpsweep.packing import Unit, composed, forget_pack, plan_packs, train_pack, warn_of_old_cuts
+from mlpsweep.packing import Unit, forget_pack, plan_packs, train_pack, warn_of_old_cuts
 from mlpsweep.tracking import redact_log_records
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,7 @@ class PackedLauncher(Launcher):
 
     def _compose(self, overrides: Sequence[str], idx: int) -> DictConfig:
         assert self.hydra_context is not None and self.config is not None
-        sweep_config = composed(overrides) or self.hydra_context.config_loader.load_sweep_config(
-            self.config, list(overrides)
-        )
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
