@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -86,3 +87,44 @@ def test_parallel_sweep_against_an_mlflow_server(tiny_mnist_root: Path, tmp_path
         assert parent.info.status == "FINISHED" and len(children) == 4
         assert all(c.info.status == "FINISHED" and "accuracy/test" in c.data.metrics for c in children)
         assert "config.yaml" in {a.path for a in client.list_artifacts(children[0].info.run_id)}  # proxied artifacts
+
+
+def test_a_sweep_composes_each_job_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preflight's compositions answer the sweep's config loader: Hydra's basic sweeper (which
+    composes a batch to check it) and the launchers get copies of their own, composed no more; a
+    job the preflight did not compose, or a loader sent to another process, composes as before."""
+    import pickle
+
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    from mlpsweep.config import CONFIG_DIR
+    from mlpsweep.sweep import KeptCompositions
+
+    composed: list[list[str]] = []
+    own = ConfigLoaderImpl.load_sweep_config
+
+    def counted(self: ConfigLoaderImpl, master_config: Any, sweep_overrides: list[str]) -> Any:
+        composed.append(list(sweep_overrides))
+        return own(self, master_config, sweep_overrides)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_sweep_config", counted)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        config = compose(config_name="train", return_hydra_config=True)
+        loader = GlobalHydra.instance().config_loader()
+        compositions = KeptCompositions.install(loader, config)
+        kept = compositions.compose(config, ["activation=tanh"])  # as the preflight does
+        compositions.kept[("activation=tanh",)] = kept
+        first, second = (loader.load_sweep_config(config, ["activation=tanh"]) for _ in range(2))
+        assert composed == [["activation=tanh"]]
+        assert first == second == kept and first is not kept and second is not first
+        with open_dict(first):
+            first.hydra.job.num = 7  # what a launcher does to its copy
+        assert OmegaConf.is_missing(kept.hydra.job, "num") and OmegaConf.is_missing(second.hydra.job, "num")
+        assert loader.load_sweep_config(config, ["activation=relu"]).activation.name == "relu"
+        assert composed[-1] == ["activation=relu"]
+        sent = pickle.loads(pickle.dumps(loader))  # as joblib and submitit send Hydra's context
+        assert sent.load_sweep_config(config, ["activation=tanh"]) == kept
+        assert composed[-1] == ["activation=tanh"] and len(composed) == 3
