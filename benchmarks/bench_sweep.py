@@ -4,12 +4,18 @@ Each sweep runs as `python train.py -m ...` in a fresh folder with its own SQLit
 clock runs from the command's start to its exit (the last run is in the store by then). Printed per
 sweep and launcher: wall seconds, finished runs, training samples per second (runs x epochs x
 training images / wall), the seconds spent training (each run's epochs; a pack's epochs once), and
-the per-job fixed cost: (wall - training - start-up) / jobs, start-up being one `python train.py
---help`.
+two per-job fixed costs:
+
+- per job, all included: (wall - training - start-up) / jobs, start-up being one `python train.py
+  --help`: the sweep's one-time costs (a new store, torch's and MLflow's first calls, the figure
+  workers' start) are shared by its jobs;
+- per added job (`--added`): what one more job costs, from the same sweep with fewer seeds run just
+  before it: ((wall - training) - (wall_fewer - training_fewer)) / (jobs - jobs_fewer).
 
     MNIST_ROOT=../shared/data python benchmarks/bench_sweep.py                      # (a), all launchers
     MNIST_ROOT=../shared/data python benchmarks/bench_sweep.py --sweeps a,b,c,lecture --launchers basic,packed
     MNIST_ROOT=../shared/data python benchmarks/bench_sweep.py --sweeps a --set data.limit_train=3200   # quick
+    MNIST_ROOT=../shared/data python benchmarks/bench_sweep.py --sweeps a --launchers packed --added      # per added job
     python benchmarks/bench_sweep.py --sweeps a,c --launchers basic,packed --logs bench-logs   # keep the output
 
 Sweeps: (a) activation x norm x 3 seeds of the lecture's 165-165 MLP for 3 epochs (18 runs); (b) the
@@ -39,6 +45,8 @@ SWEEPS = {
     "c": ["seed=0,1,2,3,4,5,6,7", "optimizer.lr=0.01,0.03,0.1,0.3", "depth.widths=[165,165]", "trainer.max_epochs=3"],
     "lecture": [*ABLATION, "depth.widths=[1024,300]", "trainer.max_epochs=10"],
 }
+# the seeds of each sweep's smaller variant (--added): the same configs, fewer jobs
+FEWER_SEEDS = {"a": "seed=0", "b": "seed=0", "c": "seed=0,1", "lecture": "seed=0"}
 LAUNCHERS = {
     "basic": ["hydra/launcher=basic"],
     "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
@@ -88,6 +96,15 @@ def run_sweep(
     }
 
 
+def timed_sweep(sweep: list[str], launcher: str, extra: list[str], log: Path, repo: Path) -> dict[str, float]:
+    """run_sweep in a fresh folder, removed after."""
+    root = Path(tempfile.mkdtemp(prefix=f"bench-{launcher}-"))
+    try:
+        return run_sweep(sweep, launcher, extra, root, log, repo)
+    finally:
+        shutil.rmtree(root)
+
+
 def startup_seconds(repo: Path) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, str(repo / "train.py"), "--help"], capture_output=True, check=True)
@@ -107,6 +124,11 @@ def main() -> None:
         "--repo", type=Path, default=REPO, help="the checkout whose train.py runs (e.g. a worktree of an earlier commit)"
     )
     parser.add_argument(
+        "--added",
+        action="store_true",
+        help="also run each sweep with fewer seeds first, for the fixed cost per added job",
+    )
+    parser.add_argument(
         "--logs",
         type=Path,
         help="write each sweep's output to LOGS/<sweep>-<launcher>.log (default: a temporary folder)",
@@ -120,20 +142,26 @@ def main() -> None:
     print(
         f"{args.repo}: start-up (python train.py --help) {startup:.1f}s; extra overrides: {' '.join(args.set) or 'none'}"
     )
-    print("| sweep | launcher | runs finished | wall s | training s | samples/s | fixed cost per job s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| sweep | launcher | runs finished | wall s | training s | samples/s | fixed cost per job s | per added job s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
     for sweep in args.sweeps.split(","):
         walls = {}
         for launcher in args.launchers.split(","):
-            root = Path(tempfile.mkdtemp(prefix=f"bench-{sweep}-{launcher}-"))
-            result = run_sweep(SWEEPS[sweep], launcher, args.set, root, logs / f"{sweep}-{launcher}.log", args.repo)
+            added = None
+            if args.added:
+                fewer = [o for o in SWEEPS[sweep] if not o.startswith("seed=")] + [FEWER_SEEDS[sweep]]
+                small = timed_sweep(fewer, launcher, args.set, logs / f"{sweep}-{launcher}-fewer.log", args.repo)
+            result = timed_sweep(SWEEPS[sweep], launcher, args.set, logs / f"{sweep}-{launcher}.log", args.repo)
             fixed = (result["wall"] - result["train"] - startup) / result["jobs"] if result["finished"] else None
+            if args.added and result["finished"] == result["jobs"] and small["finished"] == small["jobs"]:
+                rest, small_rest = result["wall"] - result["train"], small["wall"] - small["train"]
+                added = (rest - small_rest) / (result["jobs"] - small["jobs"])
             walls[launcher] = result["wall"]
             print(f"| {sweep} | {launcher} | {result['finished']}/{result['jobs']} (rc {result['rc']}) | {result['wall']:.1f} | "
-                  f"{result['train']:.1f} | {result['samples_per_s']:,.0f} | {'-' if fixed is None else f'{fixed:.2f}'} |", flush=True)  # fmt: skip
-            shutil.rmtree(root)
+                  f"{result['train']:.1f} | {result['samples_per_s']:,.0f} | {'-' if fixed is None else f'{fixed:.2f}'} | "
+                  f"{'-' if added is None else f'{added:.2f}'} |", flush=True)  # fmt: skip
         if "basic" in walls:
             ratios = ", ".join(
                 f"{name} {walls['basic'] / wall:.2f}x" for name, wall in walls.items() if name != "basic"
