@@ -37,7 +37,8 @@ from mlpsweep.pack_checkpoint import (
     save_pack_checkpoint,
 )
 from mlpsweep.packed import Member, MemberResult, PackedTrainer
-from mlpsweep.packing import plan_packs, resume_pack
+from mlpsweep.packing import plan_packs, resume_pack, train_pack
+from mlpsweep.rendering import Figures
 from mlpsweep.stats import welch_difference
 from mlpsweep.tracking import CONFIG_HASH_TAG, ROLE_TAG, prepare_store, run_name
 
@@ -236,12 +237,36 @@ def test_a_failed_member_asks_for_the_figures_a_failed_solo_run_logs(tiny_cfg: C
     cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=2", f"optimizer.lr={lr}") for lr in (1e30, 0.1)]
     asked = {}
     for cfg, result in zip(cfgs, pack(cfgs), strict=True):
-        drawn = figures_ahead(cfg, result)
+        drawn = Figures.ahead()
+        figures_ahead(cfg, result, drawn)
         asked[result.error is None] = sorted(request.artifact_path for _, request in drawn.pending)
         drawn.close()
     assert asked[False] == ["probe/epoch_000.png"]
     assert asked[True] == ["confusion_matrix.png", "learning_curves.png", "probe/epoch_000.png", "probe/epoch_002.png",
                            "probe/gradient_norms.png"]  # fmt: skip
+
+
+def test_a_members_probe_grids_are_asked_for_as_its_pack_trains(
+    tiny_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member's probe grid goes to the figure workers as its snapshot is taken (they draw while
+    the pack trains); the figures of the run's end as the pack has finished."""
+    events: list[str] = []
+    add, results = Figures.add, PackedTrainer.results
+    monkeypatch.setattr(Figures, "add", lambda self, *request: events.append(request[2]) or add(self, *request))
+    monkeypatch.setattr(PackedTrainer, "results", lambda self, **kw: events.append("trained") or results(self, **kw))
+    cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=2", f"seed={seed}") for seed in (0, 1)]
+    trained = train_pack(cfgs, [True, True])
+    try:
+        assert sorted(events[: events.index("trained")]) == sorted(["probe/epoch_000.png", "probe/epoch_002.png"] * 2)
+        for result in trained:
+            assert sorted(request.artifact_path for _, request in result.figures.pending) == [
+                "confusion_matrix.png", "learning_curves.png", "probe/epoch_000.png", "probe/epoch_002.png",
+                "probe/gradient_norms.png",
+            ]  # fmt: skip
+    finally:
+        for result in trained:
+            result.figures.close()
 
 
 def test_the_probe_sees_a_member_as_it_sees_its_solo_run(tiny_cfg: Callable[..., DictConfig]) -> None:

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,7 +49,7 @@ from mlpsweep.engine import (
 )
 from mlpsweep.model import build_model, count_parameters
 from mlpsweep.model import summary as model_summary
-from mlpsweep.probe import ActivationProbe
+from mlpsweep.probe import ActivationProbe, Snapshot
 from mlpsweep.rendering import Figures
 from mlpsweep.schedulers import Schedule, build_schedule
 from mlpsweep.steps import step_kind
@@ -292,16 +293,27 @@ def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSp
     return max(m.val_acc for m in result.history)
 
 
-def figures_ahead(cfg: DictConfig, result: packed.MemberResult) -> Figures:
-    """A packed member's figures, asked for as its pack finished training, to be drawn while the
-    members before it are logged: those its job would ask for (the run's, unless it failed or is
-    still to be tested; the probe's)."""
+def figures_ahead(cfg: DictConfig, result: packed.MemberResult, drawn: Figures) -> None:
+    """A packed member's figures, asked of `drawn` as its pack finished training, to be drawn while
+    the members before it are logged: those its job would ask for (the run's, unless it failed or is
+    still to be tested; the probe's, its grids asked for as the pack trained among them)."""
     title = tracking.run_name(cfg)
     finished = result.error is None
     requests = tracking.probe_figures(result.snapshots, title, finished) if cfg.probe.enabled else []
     if finished and result.test is not None:
         requests = tracking.run_figures(result.history, result.test.confusion, title) + requests
-    return Figures.ahead(requests)
+    for request in requests:
+        drawn.add(*request)
+
+
+def grid_ahead(title: str, drawn: Figures) -> Callable[[Snapshot], None]:
+    """What a packed member does with a probe snapshot as its pack trains: have its grid drawn."""
+
+    def ask(snapshot: Snapshot) -> None:
+        if grid := tracking.probe_grid_figure(snapshot, title):
+            drawn.add(*grid)
+
+    return ask
 
 
 def resume_from(

@@ -504,6 +504,7 @@ class Member:
     generator: torch.Generator
     probe: ActivationProbe | None
     figure_epochs: set[int]
+    on_snapshot: Callable[[Snapshot], None] | None = None  # each snapshot as it is taken (its figure drawn meanwhile)
     history: list[EpochMetrics] = field(default_factory=list)
     snapshots: list[Snapshot] = field(default_factory=list)
     probe_seconds: float = 0.0
@@ -529,7 +530,7 @@ class MemberResult:
     train_step: str
     error: Exception | None
     test: Evaluation | None = None  # its test pass, where the pack made it
-    figures: Figures | None = None  # its figures, asked for as the pack finished (rendering.Figures.ahead)
+    figures: Figures | None = None  # its figures, asked for as the pack trained and finished (rendering.Figures.ahead)
 
 
 _current: MemberResult | None = None
@@ -782,6 +783,8 @@ class PackedTrainer:
         start = time.perf_counter()
         member.snapshots.append(member.probe.snapshot(epoch, with_histograms=epoch in member.figure_epochs or final))
         member.probe_seconds += time.perf_counter() - start
+        if member.on_snapshot is not None:
+            member.on_snapshot(member.snapshots[-1])
 
     def results(self, train_seconds: float) -> list[MemberResult]:
         """Each member's result: its model holding its trained weights (the best epoch's, if early

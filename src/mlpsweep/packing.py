@@ -29,6 +29,7 @@ from mlpsweep.pack_checkpoint import (
     save_pack_checkpoint,
 )
 from mlpsweep.packed import Member, MemberResult, PackedTrainer, pack_key, unpackable
+from mlpsweep.rendering import Figures
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,7 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
         figure_epochs,
         figures_ahead,
         fresh_state,
+        grid_ahead,
         make_deterministic,
         new_probe,
     )
@@ -287,6 +289,7 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
     order = in_pack_order(cfgs)
     first = cfgs[0]
     checkpoint: Path | None = None
+    drawn = [Figures.ahead() if ahead else None for ahead in figures_ahead_for]  # in job order
     try:
         device = check_job_inputs(first)
         if first.trainer.deterministic:
@@ -298,8 +301,10 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
             cfg = cfgs[i]
             model, optimizer, schedule, generator = fresh_state(cfg, data, device)
             probe = new_probe(cfg, model, data) if cfg.probe.enabled else None
+            name = tracking.run_name(cfg)
+            on_snapshot = grid_ahead(name, figures) if (figures := drawn[i]) is not None else None
             members.append(
-                Member(tracking.run_name(cfg), cfg, model, optimizer, schedule, generator, probe, figure_epochs(cfg))
+                Member(name, cfg, model, optimizer, schedule, generator, probe, figure_epochs(cfg), on_snapshot)
             )
         start = time.perf_counter()
         trainer = PackedTrainer(members, data, device)
@@ -310,8 +315,10 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
         trainer.fit(after_epoch=lambda epoch: save_pack_checkpoint(checkpoint, identity, trainer, epoch))
         results = trainer.results(train_seconds=time.perf_counter() - start)
     except (SweepStop, KeyboardInterrupt):
+        close_all(drawn)
         raise  # the last epoch's checkpoint stays, for resume=true
     except Exception as err:
+        close_all(drawn)
         log.exception(f"packed training failed ({type(err).__name__}); its {len(cfgs)} jobs run alone")
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)  # they start from scratch, as a failed job does
@@ -319,7 +326,15 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
     in_job_order: list[MemberResult] = [None] * len(cfgs)  # type: ignore[list-item]
     for position, i in enumerate(order):
         in_job_order[i] = results[position]
-    for cfg, result, ahead in zip(cfgs, in_job_order, figures_ahead_for, strict=True):
-        if ahead:
-            result.figures = figures_ahead(cfg, result)
+    for cfg, result, figures in zip(cfgs, in_job_order, drawn, strict=True):
+        if figures is not None:
+            figures_ahead(cfg, result, figures)
+            result.figures = figures
     return in_job_order
+
+
+def close_all(drawn: Sequence[Figures | None]) -> None:
+    """Drop the figures asked for ahead of jobs that will not log them."""
+    for figures in drawn:
+        if figures is not None:
+            figures.close()
