@@ -224,3 +224,22 @@ def test_a_swept_seed_stops_the_sweep_before_anything_is_tracked(tiny_mnist_root
     assert result.returncode == 2
     assert "seed=0,1: hydra/sweeper=adaptive_seeds chooses the seeds itself" in result.stdout + result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_interpolation_in_an_override_is_each_jobs_to_resolve() -> None:
+    """`trainer.eval_batch_size=${trainer.batch_size}` on the command line of a sweep over the batch
+    size: every job's overrides keep the interpolation, so that each job composes its own value
+    (read resolved, the sweep's config gave every job the sweep's default batch size instead)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = adaptive_config(
+            "trainer.eval_batch_size=${trainer.batch_size}", "+extra=${seed}", params={"trainer.batch_size": "16,64"}
+        )
+        jobs = job_overrides(cfg)
+        loader = GlobalHydra.instance().config_loader()
+        for job in jobs:
+            composed = loader.load_sweep_config(cfg, job)
+            assert composed.trainer.eval_batch_size == composed.trainer.batch_size in (16, 64), job
+            assert composed.extra == composed.seed, job
+        assert {tuple(job) for job in jobs} == {tuple(job) for job in job_overrides(cfg)}  # the same jobs each time

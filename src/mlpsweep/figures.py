@@ -6,11 +6,7 @@ per worker start.
 A sweep draws the same figures for every run, so each drawing keeps its figure for the next one of
 the same layout: the data are cleared, the axes and their ticks stay (building them is about a
 third of drawing a small figure). A returned figure is therefore valid until the next drawing of
-its kind and layout in this process: save it before drawing another.
-
-Titles sit at a fixed height above their axes (`axes.titley`): matplotlib's own placement measures
-every tick label of the figure first, an eighth of a figure's drawing, for axes that have no tick
-labels or offset text above them here."""
+its kind and layout in this process: save it before drawing another."""
 
 from __future__ import annotations
 
@@ -40,8 +36,7 @@ def _cleared(
     key = (drawing, rows, cols, figsize, tuple(sorted(adjust.items())))
     if key not in _kept:
         fig = Figure(figsize=figsize)  # not pyplot's: nothing to close, nothing kept by pyplot
-        with matplotlib.rc_context({"axes.titley": 1.0}):  # read as the axes are made, kept for their life
-            axes = fig.subplots(rows, cols, squeeze=False)
+        axes = fig.subplots(rows, cols, squeeze=False)
         fig.subplots_adjust(**adjust)
         _kept[key] = fig, axes
     fig, axes = _kept[key]
@@ -120,7 +115,6 @@ def probe_grid(epoch: int, layers: Mapping[str, Mapping[str, Any]], title: str) 
         health = {k: v for k, v in stats.items() if k.endswith("_frac")}
         row[1].set_title(f"{name}: activation " + " ".join(f"({k} {v:.2f})" for k, v in health.items()), fontsize=9)
         row[2].scatter(layer["sample_pre"], layer["sample_post"], s=4, alpha=0.6, color="tab:purple")
-        row[2].yaxis.get_major_formatter().set_useOffset(False)  # no offset text under the fixed title
         row[2].set_title(f"{name}: pre vs post, one image", fontsize=9)
         row[2].set(xlabel="activation input", ylabel="activation output")
     fig.suptitle(f"{title}, epoch {epoch}")

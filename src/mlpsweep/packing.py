@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, open_dict
 
 from mlpsweep import tracking
 from mlpsweep.checkpoint import CheckpointError, config_hash
@@ -82,10 +82,11 @@ class PackPlan:
 
 
 def task_config(sweep_config: DictConfig) -> DictConfig:
-    """A job's config as its task sees it: without the `hydra` node (a copy of the other keys, a
-    quarter of the time of a whole copy less `hydra`), in struct mode as Hydra composed it."""
-    cfg = OmegaConf.masked_copy(sweep_config, [key for key in sweep_config if key != "hydra"])
-    OmegaConf.set_struct(cfg, True)
+    """A job's config as its task sees it: without the `hydra` node (a copy, which keeps what the
+    sweep's resolvers gave, e.g. `${now:...}`, and its flags)."""
+    cfg = sweep_config.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
     return cfg
 
 

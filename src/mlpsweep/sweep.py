@@ -102,11 +102,20 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
     return None
 
 
+def task_overrides(config: DictConfig) -> list[str]:
+    """The sweep's task overrides as the command line gave them: an interpolation in one
+    (`trainer.eval_batch_size=${trainer.batch_size}`) is each job's to resolve, not the sweep's
+    config's. (A job's own `hydra.overrides.task` holds it escaped: read resolved, it is as given.)"""
+    return list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+
+
 def sweep_overrides(config: DictConfig) -> list[Override]:
     """`hydra.sweeper.params` and the command line's overrides, parsed."""
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    params_node = config.hydra.sweeper.get("params")
+    given = OmegaConf.to_container(params_node, resolve=False) if params_node else {}  # as in task_overrides
+    params = [f"{key}={value}" for key, value in given.items()]
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    return parser.parse_overrides(params + list(config.hydra.overrides.task))
+    return parser.parse_overrides(params + task_overrides(config))
 
 
 def search_space_probes(config: DictConfig) -> list[list[str]]:
@@ -168,7 +177,7 @@ def adaptive_grid(config: DictConfig) -> list[list[str]]:
 def fixed_overrides(config: DictConfig) -> list[str]:
     """The overrides every job of a sweep shares (those that are not a sweep over values)."""
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    return [o.input_line for o in parser.parse_overrides(list(config.hydra.overrides.task)) if not o.is_sweep_override()]
+    return [o.input_line for o in parser.parse_overrides(task_overrides(config)) if not o.is_sweep_override()]
 
 
 class KeptCompositions:
@@ -292,7 +301,7 @@ def sweep_key(config: DictConfig, as_given: bool = False) -> str:
     if config.tracking.sweep_name:
         text = f"name\n{config.tracking.sweep_name}"
     else:
-        parts = [config.tracking.experiment, *identity_overrides(list(config.hydra.overrides.task), as_given)]
+        parts = [config.tracking.experiment, *identity_overrides(task_overrides(config), as_given)]
         sweeper = str(config.hydra.sweeper.get("_target_", ""))
         if sweeper != BASIC_SWEEPER:
             parts.append(f"sweeper {sweeper}")
@@ -411,8 +420,8 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
 
 def _open_sweep(config: DictConfig, expected: set[str] | None, tracking_uri: str) -> SweepSession:
     key = sweep_key(config)
-    overrides = " ".join(identity_overrides(list(config.hydra.overrides.task)))
-    as_given = " ".join(identity_overrides(list(config.hydra.overrides.task), as_given=True))
+    overrides = " ".join(identity_overrides(task_overrides(config)))
+    as_given = " ".join(identity_overrides(task_overrides(config), as_given=True))
     earlier = _earlier_parents(tracking_uri, config.tracking.experiment, [key, sweep_key(config, as_given=True)])
     if earlier and config.tracking.sweep_name:
         _refuse_reused_name(config, earlier[0], {overrides, as_given})
@@ -440,7 +449,7 @@ def _open_sweep(config: DictConfig, expected: set[str] | None, tracking_uri: str
             ROLE_TAG: "sweep",
             SWEEP_KEY_TAG: key,
             SWEEP_OVERRIDES_TAG: overrides,
-            OVERRIDES_TAG: redacted(" ".join(config.hydra.overrides.task)),
+            OVERRIDES_TAG: redacted(" ".join(task_overrides(config))),
             "mlpsweep.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
             LAUNCHER_TAG: _this_process(),
             LAUNCHER_STARTED_TAG: str(psutil.Process().create_time()),
