@@ -10,7 +10,7 @@ two per-job fixed costs:
   --help`: the sweep's one-time costs (a new store, torch's and MLflow's first calls, the figure
   workers' start) are shared by its jobs;
 - per added job (`--added`): what one more job costs, from the same sweep with fewer seeds run just
-  before it: ((wall - training) - (wall_fewer - training_fewer)) / (jobs - jobs_fewer).
+  after it: ((wall - training) - (wall_fewer - training_fewer)) / (jobs - jobs_fewer).
 
     MNIST_ROOT=../shared/data python benchmarks/bench_sweep.py                      # (a), all launchers
     MNIST_ROOT=../shared/data python benchmarks/bench_sweep.py --sweeps a,b,c,lecture --launchers basic,packed
@@ -151,15 +151,17 @@ def main() -> None:
         walls = {}
         for launcher in args.launchers.split(","):
             added = None
-            if args.added and launcher not in PARALLEL:
-                fewer = [o for o in SWEEPS[sweep] if not o.startswith("seed=")] + [FEWER_SEEDS[sweep]]
-                small = timed_sweep(fewer, launcher, args.set, logs / f"{sweep}-{launcher}-fewer.log", args.repo)
             result = timed_sweep(SWEEPS[sweep], launcher, args.set, logs / f"{sweep}-{launcher}.log", args.repo)
             sequential = result["finished"] and launcher not in PARALLEL
             fixed = (result["wall"] - result["train"] - startup) / result["jobs"] if sequential else None
-            if args.added and sequential and result["finished"] == result["jobs"] and small["finished"] == small["jobs"]:
-                rest, small_rest = result["wall"] - result["train"], small["wall"] - small["train"]
-                added = (rest - small_rest) / (result["jobs"] - small["jobs"])
+            if args.added and sequential and result["finished"] == result["jobs"]:
+                # after the whole sweep, not before: what the first sweep pays for cold caches is not
+                # taken off the added jobs' cost
+                fewer = [o for o in SWEEPS[sweep] if not o.startswith("seed=")] + [FEWER_SEEDS[sweep]]
+                small = timed_sweep(fewer, launcher, args.set, logs / f"{sweep}-{launcher}-fewer.log", args.repo)
+                if small["finished"] == small["jobs"] > 0:
+                    rest, small_rest = result["wall"] - result["train"], small["wall"] - small["train"]
+                    added = (rest - small_rest) / (result["jobs"] - small["jobs"])
             walls[launcher] = result["wall"]
             print(f"| {sweep} | {launcher} | {result['finished']}/{result['jobs']} (rc {result['rc']}) | {result['wall']:.1f} | "
                   f"{result['train']:.1f} | {result['samples_per_s']:,.0f} | {'-' if fixed is None else f'{fixed:.2f}'} | "
