@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 import tempfile
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -203,8 +204,10 @@ def histograms_figure(sweep: Sweep) -> Figure | None:
             ax.tick_params(labelsize=7)
             ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # e.g. tanh's [-1, 1] with few, unclipped labels
             ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
-    fig.suptitle(f"activation input and output on the probe set, last logged epoch (one seed per config: "
-                 f"{' / '.join(sweep.axes) or 'config'})")  # fmt: skip
+    # on lines that fit the figure's width (one layer's figure is under 7 inches wide)
+    title = (f"activation input and output on the probe set, last logged epoch (one seed per config: "
+             f"{' / '.join(sweep.axes) or 'config'})")  # fmt: skip
+    fig.suptitle(textwrap.fill(title, width=int(9 * fig.get_figwidth())))
     return fig
 
 
