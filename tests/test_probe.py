@@ -156,6 +156,27 @@ def test_figure_workers_end_with_the_process_that_started_them_even_killed(tmp_p
     assert not alive, [worker.pid for worker in alive]
 
 
+def test_ctrl_c_while_figure_workers_start_interrupts_neither_them_nor_the_sweep(tmp_path: Path) -> None:
+    """A Ctrl-C (SIGINT to the whole process group) while the figure workers import: they start
+    with it held back and then ignore it (no KeyboardInterrupt of theirs), and the process that
+    started them gets it once they are started."""
+    parent = (
+        "import os, signal, sys, time; from mlpsweep import rendering; got = []; "
+        "signal.signal(signal.SIGINT, lambda *_: got.append(time.monotonic())); "
+        "rendering.start_workers(every_core=True); "
+        "[os.killpg(os.getpgrp(), signal.SIGINT) or time.sleep(0.05) for _ in range(6)]; "
+        "pool = rendering.worker_pool(every_core=True); args = ({0: {'h': 1.0}}, 't'); "
+        "print(pool.submit(rendering.draw, 'gradient_norms', args, f'{sys.argv[1]}/n.png', None).result(), len(got))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", parent, str(tmp_path)], capture_output=True, text=True, timeout=120, start_new_session=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "KeyboardInterrupt" not in result.stderr, result.stderr
+    drawn, interrupts = result.stdout.split()
+    assert Path(drawn).is_file() and int(interrupts) >= 1
+
+
 def _layer(rng: np.random.Generator, scale: float, stages: tuple[str, ...]) -> dict[str, Any]:
     edges = np.linspace(-scale, scale, 31).tolist()
     return {

@@ -21,7 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -70,11 +70,29 @@ def draw(drawing: str, args: tuple[Any, ...], path: str, dpi: float | None) -> s
 def _start_worker() -> None:
     """A figure worker ignores Ctrl-C (it reaches the whole process group: the job decides what
     stops), and ends when the process that started it is gone, even killed (SIGKILL closes no
-    pool): it would otherwise wait for figures forever."""
+    pool): it would otherwise wait for figures forever. It started with Ctrl-C held back
+    (`_ctrl_c_held`), so none interrupted its imports before this."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C blocked in this thread while it may start figure workers (a pool starts one as a
+    figure is asked for): a process starts with its parent's signal mask, so a worker cannot be
+    interrupted while it imports; a Ctrl-C meanwhile reaches this process as the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _exit_with(parent_sentinel: int) -> None:
@@ -105,8 +123,9 @@ def start_workers(every_core: bool) -> None:
     """Start the figure workers now instead of at the first figure: each imports matplotlib (0.7 s
     of a core) while a sweep's start leaves a core idle, and is ready when the first figure comes."""
     pool = worker_pool(every_core)
-    for _ in range(_worker_count(every_core)):  # a pool of spawned workers starts one per waiting task
-        pool.submit(_ready)
+    with _ctrl_c_held():
+        for _ in range(_worker_count(every_core)):  # a pool of spawned workers starts one per waiting task
+            pool.submit(_ready)
 
 
 def _ready() -> None:
@@ -156,7 +175,8 @@ class Figures:
         result: Future[str] | str | None = None
         if self.in_worker:
             try:
-                result = worker_pool(self.every_core).submit(draw, drawing, args, str(path), dpi)
+                with _ctrl_c_held():
+                    result = worker_pool(self.every_core).submit(draw, drawing, args, str(path), dpi)
             except BrokenProcessPool:
                 _forget_pool(self.every_core)
         drawn = result if result is not None else draw(drawing, args, str(path), dpi)
