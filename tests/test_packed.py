@@ -246,19 +246,24 @@ def test_a_failed_member_asks_for_the_figures_a_failed_solo_run_logs(tiny_cfg: C
                            "probe/gradient_norms.png"]  # fmt: skip
 
 
-def test_a_members_probe_grids_are_asked_for_as_its_pack_trains(
-    tiny_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+)  # fmt: skip
+def test_a_members_probe_grids_are_asked_for_as_its_pack_trains_on_a_gpu(
+    device: str, tiny_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A member's probe grid goes to the figure workers as its snapshot is taken (they draw while
-    the pack trains); the figures of the run's end as the pack has finished."""
+    """On a GPU a member's probe grid goes to the figure workers as its snapshot is taken (they
+    draw while the pack trains); on a CPU, whose cores the training takes, as the pack has finished,
+    with the figures of the run's end."""
     events: list[str] = []
     add, results = Figures.add, PackedTrainer.results
     monkeypatch.setattr(Figures, "add", lambda self, *request: events.append(request[2]) or add(self, *request))
     monkeypatch.setattr(PackedTrainer, "results", lambda self, **kw: events.append("trained") or results(self, **kw))
-    cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=2", f"seed={seed}") for seed in (0, 1)]
+    cfgs = [tiny_cfg(*STEPS, "trainer.max_epochs=2", f"trainer.device={device}", f"seed={seed}") for seed in (0, 1)]
     trained = train_pack(cfgs, [True, True])
     try:
-        assert sorted(events[: events.index("trained")]) == sorted(["probe/epoch_000.png", "probe/epoch_002.png"] * 2)
+        grids = ["probe/epoch_000.png", "probe/epoch_002.png"] * 2 if device == "cuda" else []
+        assert sorted(events[: events.index("trained")]) == sorted(grids)
         for result in trained:
             assert sorted(request.artifact_path for _, request in result.figures.pending) == [
                 "confusion_matrix.png", "learning_curves.png", "probe/epoch_000.png", "probe/epoch_002.png",

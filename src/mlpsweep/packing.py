@@ -86,7 +86,7 @@ def task_config(sweep_config: DictConfig) -> DictConfig:
     sweep's resolvers gave, e.g. `${now:...}`, and its flags)."""
     cfg = sweep_config.copy()
     with open_dict(cfg):
-        del cfg["hydra"]
+        cfg.pop("hydra", None)
     return cfg
 
 
@@ -303,7 +303,11 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
             model, optimizer, schedule, generator = fresh_state(cfg, data, device)
             probe = new_probe(cfg, model, data) if cfg.probe.enabled else None
             name = tracking.run_name(cfg)
-            on_snapshot = grid_ahead(name, figures) if (figures := drawn[i]) is not None else None
+            # on a GPU the workers draw the probe's grids while the pack trains (the CPU has cores to
+            # spare); on a CPU the training takes the cores (drawing meanwhile slowed it more than it
+            # saved), so they are drawn after
+            drawing_meanwhile = (figures := drawn[i]) is not None and device.type == "cuda"
+            on_snapshot = grid_ahead(name, figures) if drawing_meanwhile else None
             members.append(
                 Member(name, cfg, model, optimizer, schedule, generator, probe, figure_epochs(cfg), on_snapshot)
             )

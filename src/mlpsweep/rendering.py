@@ -21,7 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -143,10 +143,10 @@ class Figures:
     (its pool broken) is replaced by drawing in place. Without a `workdir` the files go into a
     folder of its own, which `close` removes.
 
-    Figures can be asked for ahead of their run (`ahead`: a packed member's, its probe grids as its
-    pack trains, the rest as the pack finishes, so that the workers draw them while the pack trains
-    and the members before it are logged): asking again for an artifact already asked for changes
-    nothing."""
+    Figures can be asked for ahead of their run (`ahead`: a packed member's, as its pack finishes,
+    and on a GPU its probe grids as the pack trains, so that the workers draw them while the
+    members before it are logged and the pack trains): asking again for an artifact already asked
+    for changes nothing."""
 
     def __init__(self, workdir: Path | None, in_worker: bool, every_core: bool = False) -> None:
         self.own_dir = workdir is None
@@ -157,14 +157,10 @@ class Figures:
         self.gifs: list[tuple[list[Path], str]] = []  # (frames, artifact path)
 
     @classmethod
-    def ahead(cls, requests: Sequence[FigureRequest] = ()) -> Figures:
-        """Figures in a folder of their own, drawn by a worker per core (what runs meanwhile is a
-        pack's training, whose steps leave a core idle at times, or the logging of runs), `requests`
-        asked for now."""
-        drawn = cls(None, in_worker=True, every_core=True)
-        for request in requests:
-            drawn.add(*request)
-        return drawn
+    def ahead(cls) -> Figures:
+        """Figures to ask for ahead of their run, in a folder of their own, drawn by a worker per
+        core (what runs meanwhile is a pack's training or the logging of runs)."""
+        return cls(None, in_worker=True, every_core=True)
 
     def add(self, drawing: str, args: tuple[Any, ...], artifact_path: str, dpi: float | None = None) -> Path:
         """Have `drawing` of `args` drawn into the file that becomes the artifact `artifact_path`; return that file."""
