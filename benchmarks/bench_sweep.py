@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument(
         "--added",
         action="store_true",
-        help="also run each sweep with fewer seeds first, for the fixed cost per added job",
+        help="also run each sweep with fewer seeds (after it), for the fixed cost per added job",
     )
     parser.add_argument(
         "--logs",

@@ -243,3 +243,14 @@ def test_an_interpolation_in_an_override_is_each_jobs_to_resolve() -> None:
             assert composed.trainer.eval_batch_size == composed.trainer.batch_size in (16, 64), job
             assert composed.extra == composed.seed, job
         assert {tuple(job) for job in jobs} == {tuple(job) for job in job_overrides(cfg)}  # the same jobs each time
+
+
+def test_sweeper_params_are_read_as_the_basic_sweeper_gets_them() -> None:
+    """`hydra.sweeper.params` reach Hydra's basic sweeper resolved (Hydra instantiates the sweeper
+    with them): the sweep's checks must compose the same jobs as it runs."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer.batch_size=16"], return_hydra_config=True)
+        with read_write(cfg), open_dict(cfg):
+            cfg.hydra.sweeper.params = {"trainer.eval_batch_size": "${trainer.batch_size}", "seed": "0,1"}
+        jobs = job_overrides(cfg)
+    assert len(jobs) == 2 and all("trainer.eval_batch_size=16" in job for job in jobs), jobs

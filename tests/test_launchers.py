@@ -114,17 +114,18 @@ def test_a_sweep_composes_each_job_once(monkeypatch: pytest.MonkeyPatch) -> None
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         config = compose(config_name="train", return_hydra_config=True)
         loader = GlobalHydra.instance().config_loader()
-        compositions = KeptCompositions.install(loader, config)
+        compositions = KeptCompositions.install(loader, config, uses=2)  # the sweeper's check, the launch
         kept = compositions.compose(config, ["activation=tanh"])  # as the preflight does
-        compositions.kept[("activation=tanh",)] = kept
+        compositions.keep(["activation=tanh"], kept)
+        sent = pickle.loads(pickle.dumps(loader))  # as joblib and submitit send Hydra's context
         first, second = (loader.load_sweep_config(config, ["activation=tanh"]) for _ in range(2))
         assert composed == [["activation=tanh"]]
         assert first == second == kept and first is not kept and second is not first
         with open_dict(first):
             first.hydra.job.num = 7  # what a launcher does to its copy
         assert OmegaConf.is_missing(kept.hydra.job, "num") and OmegaConf.is_missing(second.hydra.job, "num")
+        assert loader.load_sweep_config(config, ["activation=tanh"]) == kept  # its two uses answered: gone
         assert loader.load_sweep_config(config, ["activation=relu"]).activation.name == "relu"
-        assert composed[-1] == ["activation=relu"]
-        sent = pickle.loads(pickle.dumps(loader))  # as joblib and submitit send Hydra's context
+        assert composed[1:] == [["activation=tanh"], ["activation=relu"]]
         assert sent.load_sweep_config(config, ["activation=tanh"]) == kept
-        assert composed[-1] == ["activation=tanh"] and len(composed) == 3
+        assert composed[-1] == ["activation=tanh"] and len(composed) == 4

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from mlpsweep.checkpoint import CheckpointError, config_hash
-from mlpsweep.cli import figures_ahead, fresh_state, new_probe
+from mlpsweep.cli import ask_figures_ahead, fresh_state, new_probe
 from mlpsweep.data import load_splits
 from mlpsweep.engine import DivergenceError, EpochMetrics, fit
 from mlpsweep.pack_checkpoint import (
@@ -238,7 +238,7 @@ def test_a_failed_member_asks_for_the_figures_a_failed_solo_run_logs(tiny_cfg: C
     asked = {}
     for cfg, result in zip(cfgs, pack(cfgs), strict=True):
         drawn = Figures.ahead()
-        figures_ahead(cfg, result, drawn)
+        ask_figures_ahead(cfg, result, drawn)
         asked[result.error is None] = sorted(request.artifact_path for _, request in drawn.pending)
         drawn.close()
     assert asked[False] == ["probe/epoch_000.png"]

@@ -293,7 +293,7 @@ def log_packed_member(cfg: DictConfig, result: packed.MemberResult, data: DataSp
     return max(m.val_acc for m in result.history)
 
 
-def figures_ahead(cfg: DictConfig, result: packed.MemberResult, drawn: Figures) -> None:
+def ask_figures_ahead(cfg: DictConfig, result: packed.MemberResult, drawn: Figures) -> None:
     """A packed member's figures, asked of `drawn` as its pack finished training, to be drawn while
     the members before it are logged: those its job would ask for (the run's, unless it failed or is
     still to be tested; the probe's, its grids asked for as the pack trained among them)."""
@@ -310,8 +310,11 @@ def grid_ahead(title: str, drawn: Figures) -> Callable[[Snapshot], None]:
     """What a packed member does with a probe snapshot as its pack trains: have its grid drawn."""
 
     def ask(snapshot: Snapshot) -> None:
-        if grid := tracking.probe_grid_figure(snapshot, title):
-            drawn.add(*grid)
+        try:
+            if grid := tracking.probe_grid_figure(snapshot, title):
+                drawn.add(*grid)
+        except Exception as err:  # a speed-up only: the grid is asked for again as the pack finishes
+            log.warning(f"[{title}] probe grid of epoch {snapshot.epoch} not drawn ahead ({type(err).__name__}: {err})")
 
     return ask
 

@@ -98,7 +98,7 @@ def probe_grid(epoch: int, layers: Mapping[str, Mapping[str, Any]], title: str) 
     post of one probe image (the lecture's grid: one row per layer, three columns). `layers`:
     a snapshot's layers at `epoch`, each a probe.LayerSnapshot as a dict."""
     layers = list(layers.items())
-    height = 3 * len(layers)  # inches; the margins in inches, for the suptitle, titles and x labels of any number of rows
+    height = 3 * len(layers)  # inches; margins in inches: room for the suptitle, titles, x labels at any depth
     fig, axes = _cleared(
         "probe_grid", len(layers), 3, (12, height),
         left=0.06, right=0.98, bottom=0.48 / height, top=1 - 0.72 / height, wspace=0.25, hspace=0.45,

@@ -204,12 +204,8 @@ def in_pack_order(configs: Sequence[DictConfig]) -> list[int]:
     return sorted(range(len(configs)), key=lambda i: segment_order(configs[i]))
 
 
-def checkpoint_of(
-    sweep_configs: Sequence[DictConfig], cfgs: Sequence[DictConfig] | None = None
-) -> tuple[Path, PackIdentity]:
-    """The checkpoint file of the pack of these jobs, and its identity (`cfgs`: their task configs,
-    where made already)."""
-    cfgs = [task_config(c) for c in sweep_configs] if cfgs is None else cfgs
+def checkpoint_of(cfgs: Sequence[DictConfig]) -> tuple[Path, PackIdentity]:
+    """The checkpoint file of the pack of the jobs of task configs `cfgs`, and its identity."""
     cfgs = [cfgs[i] for i in in_pack_order(cfgs)]
     identity = pack_identity(cfgs)
     return pack_checkpoint_path(launch_dir() / cfgs[0].trainer.checkpoint_dir, identity), identity
@@ -217,13 +213,13 @@ def checkpoint_of(
 
 def has_checkpoint(sweep_configs: Sequence[DictConfig]) -> bool:
     """Whether the pack of these jobs left a checkpoint (its sweep was interrupted)."""
-    return checkpoint_of(sweep_configs)[0].is_file()
+    return checkpoint_of([task_config(c) for c in sweep_configs])[0].is_file()
 
 
 def forget_pack(sweep_configs: Sequence[DictConfig]) -> None:
     """Remove the pack's checkpoint, and those of the sweep's other cuts that held its members:
     every job of the pack has logged its run (or failed)."""
-    checkpoint, identity = checkpoint_of(sweep_configs)
+    checkpoint, identity = checkpoint_of([task_config(c) for c in sweep_configs])
     for path in [checkpoint, *other_cuts(checkpoint.parent, identity)]:
         path.unlink(missing_ok=True)
 
@@ -235,7 +231,7 @@ def warn_of_old_cuts(sweep_configs: Sequence[DictConfig], plan: PackPlan) -> Non
         sweep_config = sweep_configs[unit.jobs[0]]
         if unit.packed or unit.resumed or not sweep_config.resume or unit.reason == INVALID:
             continue
-        checkpoint, identity = checkpoint_of([sweep_config])
+        checkpoint, identity = checkpoint_of([task_config(sweep_config)])
         for path, other in other_cuts(checkpoint.parent, identity).items():
             log.warning(
                 f"resume: {path} holds job #{sweep_config.hydra.job.num} in a pack of {len(other.config_hashes)}; "
@@ -276,9 +272,21 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
     draw them while the jobs log their members one by one). The checkpoint stays until the
     launcher has logged every job (`forget_pack`). None if the packed training itself failed (the
     error is logged and the jobs run alone)."""
+    drawn = [Figures.ahead() if ahead else None for ahead in figures_ahead_for]  # in job order
+    results = None
+    try:
+        results = _train_pack([task_config(c) for c in sweep_configs], drawn)
+        return results
+    finally:
+        if results is None:  # the jobs run alone, or the sweep stops: nobody logs these figures
+            close_all(drawn)
+
+
+def _train_pack(cfgs: list[DictConfig], drawn: list[Figures | None]) -> list[MemberResult] | None:
+    """train_pack of the jobs' task configs `cfgs`, their figures asked of `drawn`."""
     from mlpsweep.cli import (  # the job's own builders
+        ask_figures_ahead,
         figure_epochs,
-        figures_ahead,
         fresh_state,
         grid_ahead,
         make_deterministic,
@@ -286,11 +294,9 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
     )
     from mlpsweep.data import load_splits
 
-    cfgs = [task_config(c) for c in sweep_configs]
     order = in_pack_order(cfgs)
     first = cfgs[0]
     checkpoint: Path | None = None
-    drawn = [Figures.ahead() if ahead else None for ahead in figures_ahead_for]  # in job order
     try:
         device = check_job_inputs(first)
         if first.trainer.deterministic:
@@ -314,16 +320,14 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
         start = time.perf_counter()
         trainer = PackedTrainer(members, data, device)
         log.info(f"pack of {len(members)} runs on {device}, step {trainer.kind}: {', '.join(m.name for m in members)}")
-        checkpoint, identity = checkpoint_of(sweep_configs, cfgs)
+        checkpoint, identity = checkpoint_of(cfgs)
         if first.resume:
             resume_pack(checkpoint, identity, trainer)
         trainer.fit(after_epoch=lambda epoch: save_pack_checkpoint(checkpoint, identity, trainer, epoch))
         results = trainer.results(train_seconds=time.perf_counter() - start)
     except (SweepStop, KeyboardInterrupt):
-        close_all(drawn)
         raise  # the last epoch's checkpoint stays, for resume=true
     except Exception as err:
-        close_all(drawn)
         log.exception(f"packed training failed ({type(err).__name__}); its {len(cfgs)} jobs run alone")
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)  # they start from scratch, as a failed job does
@@ -333,7 +337,7 @@ def train_pack(sweep_configs: Sequence[DictConfig], figures_ahead_for: Sequence[
         in_job_order[i] = results[position]
     for cfg, result, figures in zip(cfgs, in_job_order, drawn, strict=True):
         if figures is not None:
-            figures_ahead(cfg, result, figures)
+            ask_figures_ahead(cfg, result, figures)
             result.figures = figures
     return in_job_order
 

@@ -7,7 +7,8 @@ as its data exists, so it is drawn while the job trains, tests and logs, and log
 run's artifacts before the run ends. A single run, or a job in a parallel launcher's worker (which
 has the other cores busy already), draws them in place. Either way the artifacts are the same files
 under the same names. The packed launcher asks for every member's figures as the pack finishes
-training, and a worker per core draws them while the members are logged one after another.
+training (on a GPU, the probe's grids as it trains), and a worker per core draws them while the
+members are logged one after another. The workers start as a sweep opens (`start_workers`).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class Figures:
         self.own_dir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="mlpsweep-figures-")) if workdir is None else workdir
         self.in_worker = in_worker
-        self.every_core = every_core  # a worker per core: nothing trains while they draw
+        self.every_core = every_core  # a worker per core: nothing trains on the CPU while they draw
         self.pending: list[tuple[Future[str] | str, FigureRequest]] = []  # (drawn file, what it draws)
         self.gifs: list[tuple[list[Path], str]] = []  # (frames, artifact path)
 

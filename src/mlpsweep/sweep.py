@@ -103,17 +103,16 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
 
 
 def task_overrides(config: DictConfig) -> list[str]:
-    """The sweep's task overrides as the command line gave them: an interpolation in one
-    (`trainer.eval_batch_size=${trainer.batch_size}`) is each job's to resolve, not the sweep's
-    config's. (A job's own `hydra.overrides.task` holds it escaped: read resolved, it is as given.)"""
+    """The sweep's task overrides as the command line gave them (and as Hydra's sweepers get them):
+    an interpolation in one (`trainer.eval_batch_size=${trainer.batch_size}`) is each job's to
+    resolve, not the sweep's config's."""
     return list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
 
 
 def sweep_overrides(config: DictConfig) -> list[Override]:
     """`hydra.sweeper.params` and the command line's overrides, parsed."""
-    params_node = config.hydra.sweeper.get("params")
-    given = OmegaConf.to_container(params_node, resolve=False) if params_node else {}  # as in task_overrides
-    params = [f"{key}={value}" for key, value in given.items()]
+    # the params resolved, as the basic sweeper gets them; the command line's overrides as given
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     return parser.parse_overrides(params + task_overrides(config))
 
@@ -185,17 +184,22 @@ class KeptCompositions:
     composes every job of a batch again to check it, and a launcher composes it once more to run it
     (0.07 s a job each on the 2-core CPU). A job's config composed again from the same master config
     and overrides is the same config; each caller gets a copy of its own (launchers set fields on it).
-    A loader sent to another process (joblib, submitit) goes without them and composes again."""
+    A composition goes once it has answered its `uses` (about 0.14 MB each; at most `KEPT_AT_MOST`
+    are kept). A loader sent to another process (joblib, submitit) goes without them."""
 
-    def __init__(self, loader: ConfigLoader, config: DictConfig | None) -> None:
+    KEPT_AT_MOST = 1000
+
+    def __init__(self, loader: ConfigLoader, config: DictConfig | None, uses: int = 1) -> None:
         self.loader = loader
         self.config = config
-        self.kept: dict[tuple[str, ...], DictConfig] = {}
+        self.uses = uses
+        self.kept: dict[tuple[str, ...], tuple[DictConfig, int]] = {}  # overrides -> (composition, uses left)
 
     @classmethod
-    def install(cls, loader: ConfigLoader, config: DictConfig) -> KeptCompositions:
-        """Compositions kept for the sweep of master config `config`, answering `loader`'s own calls."""
-        compositions = cls(loader, config)
+    def install(cls, loader: ConfigLoader, config: DictConfig, uses: int) -> KeptCompositions:
+        """Compositions kept for the sweep of master config `config`, each answering `uses` of
+        `loader`'s own calls."""
+        compositions = cls(loader, config, uses)
         loader.load_sweep_config = compositions  # type: ignore[method-assign]
         return compositions
 
@@ -203,12 +207,21 @@ class KeptCompositions:
         """The loader's own composition."""
         return type(self.loader).load_sweep_config(self.loader, master_config, sweep_overrides)
 
+    def keep(self, sweep_overrides: list[str], sweep_config: DictConfig) -> None:
+        if len(self.kept) < self.KEPT_AT_MOST:
+            self.kept[tuple(sweep_overrides)] = (sweep_config, self.uses)
+
     def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        kept = self.kept.get(tuple(sweep_overrides)) if master_config is self.config else None
-        return copy.deepcopy(kept) if kept is not None else self.compose(master_config, sweep_overrides)
+        key = tuple(sweep_overrides)
+        if master_config is not self.config or key not in self.kept:
+            return self.compose(master_config, sweep_overrides)
+        sweep_config, uses = self.kept.pop(key)
+        if uses > 1:
+            self.kept[key] = (sweep_config, uses - 1)
+        return copy.deepcopy(sweep_config)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"loader": self.loader, "config": None, "kept": {}}
+        return {"loader": self.loader, "config": None, "uses": self.uses, "kept": {}}
 
 
 def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
@@ -230,7 +243,9 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
             check_optuna_settings(config.hydra.sweeper)
     except INPUT_ERRORS as err:
         return [str(err)], None
-    compositions = KeptCompositions.install(GlobalHydra.instance().config_loader(), config)
+    # the basic sweeper composes a batch to check it, then its launcher composes each job to run it
+    uses = 2 if config.hydra.sweeper._target_ == BASIC_SWEEPER else 1
+    compositions = KeptCompositions.install(GlobalHydra.instance().config_loader(), config, uses)
     problems = []
     nvml_check = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # ask NVML about GPUs: no CUDA in the launcher
@@ -238,7 +253,7 @@ def preflight(config: DictConfig) -> tuple[list[str], set[str] | None]:
         for num, overrides in enumerate(jobs):
             try:
                 sweep_config = compositions.compose(config, list(overrides))
-                compositions.kept[tuple(overrides)] = sweep_config
+                compositions.keep(list(overrides), sweep_config)
                 cfg = packing.task_config(sweep_config)
                 check_job_inputs(cfg)
                 require_sweep_wide(config, cfg)
@@ -593,10 +608,12 @@ def start_figure_workers(config: DictConfig) -> None:
     a worker per core for the packed launcher, for half the cores for the basic one) as the sweep
     opens its parent run, so that they are ready by the first figure."""
     launcher = config.hydra.launcher
-    if launcher._target_ == PACKED_LAUNCHER and launcher.backend == Backend.local:
-        rendering.start_workers(every_core=True)
-    elif launcher._target_ == BASIC_LAUNCHER:
-        rendering.start_workers(every_core=False)
+    every_core = launcher._target_ == PACKED_LAUNCHER and launcher.backend == Backend.local
+    if every_core or launcher._target_ == BASIC_LAUNCHER:
+        try:
+            rendering.start_workers(every_core)
+        except OSError as err:  # only sooner than the first figure, which tries again (or draws in place)
+            log.warning(f"figure workers not started ahead: {describe(err)}")
 
 
 class MlflowSweepCallback(Callback):
