@@ -96,8 +96,8 @@ def check_writable_folder(folder: Path, key: str, value: str) -> None:
 
 
 def check_settings(cfg: DictConfig) -> torch.device:
-    """The checks that write nothing: the config values, the tracking URI, the checkpoint folder
-    and the device; return the device."""
+    """The checks that leave nothing behind: the config values, the tracking URI, the checkpoint
+    folder (a folder made in it and removed at once) and the device; return the device."""
     validate_config(cfg)
     uri_key = "tracking.uri" if cfg.tracking.uri else "$MLFLOW_TRACKING_URI"
     check_tracking_uri(resolve_tracking_uri(cfg.tracking.uri), uri_key)

@@ -189,7 +189,7 @@ class KeptCompositions:
 
     KEPT_AT_MOST = 1000
 
-    def __init__(self, loader: ConfigLoader, config: DictConfig | None, uses: int = 1) -> None:
+    def __init__(self, loader: ConfigLoader, config: DictConfig | None, uses: int) -> None:
         self.loader = loader
         self.config = config
         self.uses = uses
