@@ -224,6 +224,39 @@ def test_a_figure_drawn_on_a_kept_figure_is_the_one_drawn_afresh(drawing: str, t
     assert np.array_equal(afresh, kept), f"{np.mean(afresh != kept):.2%} of the pixels differ"
 
 
+@pytest.mark.parametrize("drawing", ["probe_grid", "learning_curves", "confusion_matrix", "gradient_norms"])
+def test_titles_and_x_labels_sit_where_matplotlib_would_place_them(drawing: str) -> None:
+    """A kept figure's titles and x labels are placed once (figures._fixed_places), not measured at
+    each draw: they must sit where matplotlib's own placement puts them, and no y axis may show an
+    offset or multiplier above it, under a title (counts as 5k, 2M)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import IdentityTransform, blended_transform_factory
+
+    first, second = _two_figures(drawing)
+    figures._kept.clear()
+    getattr(figures, drawing)(*first)
+    fig = getattr(figures, drawing)(*second)
+    if drawing == "probe_grid":  # counts in the millions, and activations that barely move
+        fig.axes[0].set_ylim(0, 2.5e6)
+        fig.axes[2].set_ylim(0.49998, 0.50003)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+
+    def places() -> list[float]:
+        fig.draw(renderer)
+        texts = [text for ax in fig.axes for text in (ax.title, ax.xaxis.label)]
+        return [edge for text in texts for edge in text.get_window_extent(renderer).bounds]
+
+    fixed = places()
+    assert not any(ax.yaxis.get_offset_text().get_text() for ax in fig.axes)
+    if drawing == "probe_grid":
+        assert fig.axes[0].get_yticklabels()[-1].get_text().endswith("M")
+    for ax in fig.axes:  # matplotlib's own placement, measured at each draw (as its XAxis sets it up)
+        ax._autotitlepos = True
+        ax.xaxis._autolabelpos = True
+        ax.xaxis.label.set_transform(blended_transform_factory(ax.transAxes, IdentityTransform()))
+    assert places() == pytest.approx(fixed, abs=0.5)  # pixels
+
+
 def test_a_histogram_is_what_matplotlib_stairs_draws() -> None:
     """draw_histogram gives its steps' data limits itself instead of matplotlib's bound of their
     path: the axes must still come out as `ax.stairs` draws them (limits, baseline, legend)."""

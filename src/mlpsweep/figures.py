@@ -6,10 +6,13 @@ per worker start.
 A sweep draws the same figures for every run, so each drawing keeps its figure for the next one of
 the same layout: the data are cleared, the axes and their ticks stay (building them is about a
 third of drawing a small figure). A returned figure is therefore valid until the next drawing of
-its kind and layout in this process: save it before drawing another."""
+its kind and layout in this process: save it before drawing another. Its titles and x labels sit
+at fixed distances from their axes (`_fixed_places`), so no y axis shows an offset or multiplier
+above it where a title would cover it: counts read 5k, 1.2M, other numbers in full."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +24,8 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import StepPatch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import EngFormatter, MaxNLocator, ScalarFormatter  # noqa: E402
+from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
 STAGE_COLORS = {"linear": "tab:blue", "norm": "tab:orange", "act": "tab:green"}
 
@@ -38,6 +42,7 @@ def _cleared(
         fig = Figure(figsize=figsize)  # not pyplot's: nothing to close, nothing kept by pyplot
         axes = fig.subplots(rows, cols, squeeze=False)
         fig.subplots_adjust(**adjust)
+        _fixed_places(fig)
         _kept[key] = fig, axes
     fig, axes = _kept[key]
     for ax in axes.flat:
@@ -49,6 +54,31 @@ def _cleared(
         ax.set_autoscale_on(True)
         ax.set_prop_cycle(None)  # the next plot's colours from the first again
     return fig, axes
+
+
+def _fixed_places(fig: Figure) -> None:
+    """Titles on their axes' top edge and x labels a fixed distance below the axes, where matplotlib
+    would otherwise measure every axes' tick labels at each draw to place them (a sixth of a probe
+    grid's drawing). Nothing there varies: a row of tick labels has one height, and no y axis shows
+    an offset or multiplier above it (plain numbers here; counts in k and M)."""
+    drop = ScaledTranslation(0, -_xlabel_drop(), fig.dpi_scale_trans)
+    for ax in fig.axes:
+        ax.set_title("", y=1.0)  # a title's height given: never moved over what is above the axes
+        ax.xaxis.set_label_coords(0.5, 0, transform=ax.transAxes + drop)
+        plain = ScalarFormatter(useOffset=False)
+        plain.set_scientific(False)
+        ax.yaxis.set_major_formatter(plain)
+
+
+@functools.cache
+def _xlabel_drop() -> float:
+    """How far below its axes matplotlib puts the top of an x label, in inches (measured, so that it
+    follows the rc settings in force: tick size and pad, tick label size, label pad)."""
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.set_xlabel("x")
+    fig.draw_without_rendering()
+    return (ax.bbox.y0 - ax.xaxis.label.get_window_extent().y1) / fig.dpi
 
 
 def draw_histogram(ax: Axes, edges: Sequence[float], counts: Sequence[int], label: str, color: str) -> None:
@@ -111,6 +141,8 @@ def probe_grid(epoch: int, layers: Mapping[str, Mapping[str, Any]], title: str) 
         grad = f" (|dL/dW| {stats['grad_norm']:.2g})" if "grad_norm" in stats else ""
         row[0].set_title(f"{name}: pre-activation{grad}", fontsize=9)
         row[0].set(ylabel="count")
+        for ax in row[:2]:
+            ax.yaxis.set_major_formatter(EngFormatter(sep=""))  # 500, 5k, 1.2M: no "1e6" above the axis
         row[0].legend(fontsize=8)
         draw_histogram(row[1], *layer["histograms"]["act"], label="activation output", color=STAGE_COLORS["act"])
         health = {k: v for k, v in stats.items() if k.endswith("_frac")}
