@@ -147,7 +147,9 @@ def probe_grid(epoch: int, layers: Mapping[str, Mapping[str, Any]], title: str) 
         draw_histogram(row[1], *layer["histograms"]["act"], label="activation output", color=STAGE_COLORS["act"])
         health = {k: v for k, v in stats.items() if k.endswith("_frac")}
         row[1].set_title(f"{name}: activation " + " ".join(f"({k} {v:.2f})" for k, v in health.items()), fontsize=9)
-        row[2].scatter(layer["sample_pre"], layer["sample_post"], s=4, alpha=0.6, color="tab:purple")
+        # the points as a line's markers (one marker stamped at each point), which draw as a
+        # scatter of size 4 does in a tenth of the time of its collection
+        row[2].plot(layer["sample_pre"], layer["sample_post"], "o", ms=2, alpha=0.6, color="tab:purple")
         row[2].set_title(f"{name}: pre vs post, one image", fontsize=9)
         row[2].set(xlabel="activation input", ylabel="activation output")
     fig.suptitle(f"{title}, epoch {epoch}")
