@@ -147,8 +147,8 @@ def probe_grid(epoch: int, layers: Mapping[str, Mapping[str, Any]], title: str) 
         draw_histogram(row[1], *layer["histograms"]["act"], label="activation output", color=STAGE_COLORS["act"])
         health = {k: v for k, v in stats.items() if k.endswith("_frac")}
         row[1].set_title(f"{name}: activation " + " ".join(f"({k} {v:.2f})" for k, v in health.items()), fontsize=9)
-        # the points as a line's markers (one marker stamped at each point), which draw as a
-        # scatter of size 4 does in a tenth of the time of its collection
+        # the points as a line's markers (one marker stamped at each point): they look as a scatter
+        # of size 4 does, whose collection took a tenth of the grid's drawing
         row[2].plot(layer["sample_pre"], layer["sample_post"], "o", ms=2, alpha=0.6, color="tab:purple")
         row[2].set_title(f"{name}: pre vs post, one image", fontsize=9)
         row[2].set(xlabel="activation input", ylabel="activation output")
