@@ -116,8 +116,9 @@ def confusion_matrix(counts: np.ndarray, title: str) -> Figure:
     """Rows: true class, columns: predicted class; cells annotated with their counts."""
     fig, [[ax]] = _cleared("confusion_matrix", 1, 1, (6.5, 5.5), left=0.1, right=0.97, bottom=0.1, top=0.92)
     image = ax.imshow(np.log1p(counts), cmap="Blues")
+    dark = image.norm(np.log1p(counts)) > 0.6  # white counts on the darkest cells
     for (true, pred), count in np.ndenumerate(counts):
-        color = "white" if image.norm(np.log1p(count)) > 0.6 else "black"
+        color = "white" if dark[true, pred] else "black"
         ax.text(pred, true, str(count), ha="center", va="center", fontsize=7, color=color)
     ax.set(xlabel="predicted", ylabel="true", xticks=range(counts.shape[1]), yticks=range(counts.shape[0]), title=title)
     return fig
