@@ -156,6 +156,19 @@ def test_figure_workers_end_with_the_process_that_started_them_even_killed(tmp_p
     assert not alive, [worker.pid for worker in alive]
 
 
+def test_figure_workers_yield_the_cpu_to_the_process_that_started_them() -> None:
+    """That process is what a sweep waits for (the figures are mostly asked for well ahead): its
+    figure workers run 10 nice levels below it."""
+    parent = (
+        "import os; from mlpsweep import rendering; "
+        "print(os.nice(0), rendering.worker_pool(every_core=True).submit(os.nice, 0).result())"
+    )
+    result = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    own, worker = map(int, result.stdout.split())
+    assert worker == min(own + 10, 19)
+
+
 def test_ctrl_c_while_figure_workers_start_interrupts_neither_them_nor_the_sweep(tmp_path: Path) -> None:
     """A Ctrl-C (SIGINT to the whole process group) while the figure workers import: they start
     with it held back and then ignore it (no KeyboardInterrupt of theirs), and the process that
