@@ -6,9 +6,10 @@ per worker start.
 A sweep draws the same figures for every run, so each drawing keeps its figure for the next one of
 the same layout: the data are cleared, the axes and their ticks stay (building them is about a
 third of drawing a small figure). A returned figure is therefore valid until the next drawing of
-its kind and layout in this process: save it before drawing another. Its titles and x labels sit
-at fixed distances from their axes (`_fixed_places`), so no y axis shows an offset or multiplier
-above it where a title would cover it: counts read 5k, 1.2M, other numbers in full."""
+its kind and layout in this process: save it before drawing another. Its x labels, and the titles
+of axes that show no offset or multiplier ("1e6") above them, sit at fixed distances from their
+axes (`_fixed_x_labels`, `_fixed_title`), where matplotlib would measure the tick labels of every
+axes at each draw to place them (a sixth of a probe grid's drawing)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import StepPatch  # noqa: E402
-from matplotlib.ticker import EngFormatter, MaxNLocator, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
 STAGE_COLORS = {"linear": "tab:blue", "norm": "tab:orange", "act": "tab:green"}
@@ -42,7 +43,7 @@ def _cleared(
         fig = Figure(figsize=figsize)  # not pyplot's: nothing to close, nothing kept by pyplot
         axes = fig.subplots(rows, cols, squeeze=False)
         fig.subplots_adjust(**adjust)
-        _fixed_places(fig)
+        _fixed_x_labels(fig)
         _kept[key] = fig, axes
     fig, axes = _kept[key]
     for ax in axes.flat:
@@ -56,24 +57,26 @@ def _cleared(
     return fig, axes
 
 
-def _fixed_places(fig: Figure) -> None:
-    """Titles on their axes' top edge and x labels a fixed distance below the axes, where matplotlib
-    would otherwise measure every axes' tick labels at each draw to place them (a sixth of a probe
-    grid's drawing). Nothing there varies: a row of tick labels has one height, and no y axis shows
-    an offset or multiplier above it (plain numbers here; counts in k and M)."""
+def _fixed_x_labels(fig: Figure) -> None:
+    """Every x label where matplotlib puts it below one row of horizontal tick labels, without
+    measuring them at each draw: the x axes here are linear, their labels plain numbers."""
     drop = ScaledTranslation(0, -_xlabel_drop(), fig.dpi_scale_trans)
     for ax in fig.axes:
-        ax.set_title("", y=1.0)  # a title's height given: never moved over what is above the axes
         ax.xaxis.set_label_coords(0.5, 0, transform=ax.transAxes + drop)
-        plain = ScalarFormatter(useOffset=False)
-        plain.set_scientific(False)
-        ax.yaxis.set_major_formatter(plain)
+
+
+def _fixed_title(ax: Axes, title: str, **kwargs: Any) -> None:
+    """`title` on the axes' top edge, where matplotlib would measure the y axis at each draw to lift
+    it over an offset or multiplier: for axes that show none (counts in k and M, log scales, a
+    fixed set of ticks)."""
+    ax.set_title(title, y=1.0, **kwargs)
 
 
 @functools.cache
 def _xlabel_drop() -> float:
-    """How far below its axes matplotlib puts the top of an x label, in inches (measured, so that it
-    follows the rc settings in force: tick size and pad, tick label size, label pad)."""
+    """How far below its axes matplotlib puts the top of an x label, in inches: measured once per
+    process (as each kept figure is made once), under the rc settings then in force (tick size
+    and pad, tick label size, label pad)."""
     fig = Figure()
     ax = fig.add_subplot()
     ax.set_xlabel("x")
@@ -120,7 +123,8 @@ def confusion_matrix(counts: np.ndarray, title: str) -> Figure:
     for (true, pred), count in np.ndenumerate(counts):
         color = "white" if dark[true, pred] else "black"
         ax.text(pred, true, str(count), ha="center", va="center", fontsize=7, color=color)
-    ax.set(xlabel="predicted", ylabel="true", xticks=range(counts.shape[1]), yticks=range(counts.shape[0]), title=title)
+    ax.set(xlabel="predicted", ylabel="true", xticks=range(counts.shape[1]), yticks=range(counts.shape[0]))
+    _fixed_title(ax, title)
     return fig
 
 
@@ -140,17 +144,18 @@ def probe_grid(epoch: int, layers: Mapping[str, Mapping[str, Any]], title: str) 
                 draw_histogram(row[0], *layer["histograms"][stage], label=f"{stage} output", color=STAGE_COLORS[stage])
         stats = layer["stats"]
         grad = f" (|dL/dW| {stats['grad_norm']:.2g})" if "grad_norm" in stats else ""
-        row[0].set_title(f"{name}: pre-activation{grad}", fontsize=9)
+        _fixed_title(row[0], f"{name}: pre-activation{grad}", fontsize=9)
         row[0].set(ylabel="count")
         for ax in row[:2]:
             ax.yaxis.set_major_formatter(EngFormatter(sep=""))  # 500, 5k, 1.2M: no "1e6" above the axis
         row[0].legend(fontsize=8)
         draw_histogram(row[1], *layer["histograms"]["act"], label="activation output", color=STAGE_COLORS["act"])
         health = {k: v for k, v in stats.items() if k.endswith("_frac")}
-        row[1].set_title(f"{name}: activation " + " ".join(f"({k} {v:.2f})" for k, v in health.items()), fontsize=9)
+        _fixed_title(row[1], f"{name}: activation " + " ".join(f"({k} {v:.2f})" for k, v in health.items()), fontsize=9)
         # the points as a line's markers (one marker stamped at each point): they look as a scatter
         # of size 4 does, whose collection took a tenth of the grid's drawing
         row[2].plot(layer["sample_pre"], layer["sample_post"], "o", ms=2, alpha=0.6, color="tab:purple")
+        # placed by matplotlib: activations that barely move show an offset ("1e-5+5e-1") above the axis
         row[2].set_title(f"{name}: pre vs post, one image", fontsize=9)
         row[2].set(xlabel="activation input", ylabel="activation output")
     fig.suptitle(f"{title}, epoch {epoch}")
@@ -169,14 +174,15 @@ def gradient_norms(norms: dict[int, dict[str, float]], title: str) -> Figure:
     colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(layers)))
     for layer, color in zip(layers, colors):
         time_ax.plot(epochs, [norms[e].get(layer, np.nan) for e in epochs], "o-", color=color, label=layer, ms=3)
-    time_ax.set(xlabel="epoch", ylabel="||dL/dW||", yscale="log", title="weight-gradient norm per layer")
+    time_ax.set(xlabel="epoch", ylabel="||dL/dW||", yscale="log")
+    _fixed_title(time_ax, "weight-gradient norm per layer")
     time_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     time_ax.legend(fontsize=8)
     positions = range(1, len(layers) + 1)
     for epoch, style in ((epochs[0], "o--"), (epochs[-1], "o-")):
         depth_ax.plot(positions, [norms[epoch].get(layer, np.nan) for layer in layers], style, label=f"epoch {epoch}")
     depth_ax.set(xlabel="hidden layer (1 = next to the input)", ylabel="||dL/dW||", yscale="log", xticks=list(positions))
-    depth_ax.set_title("from the input to the head")
+    _fixed_title(depth_ax, "from the input to the head")
     depth_ax.legend(fontsize=8)
     for ax in (time_ax, depth_ax):
         ax.grid(alpha=0.3, which="both")
