@@ -435,8 +435,9 @@ def open_sweep(config: DictConfig, expected: set[str] | None) -> SweepSession:
 
 def _open_sweep(config: DictConfig, expected: set[str] | None, tracking_uri: str) -> SweepSession:
     key = sweep_key(config)
-    overrides = " ".join(identity_overrides(task_overrides(config)))
-    as_given = " ".join(identity_overrides(task_overrides(config), as_given=True))
+    given = task_overrides(config)
+    overrides = " ".join(identity_overrides(given))
+    as_given = " ".join(identity_overrides(given, as_given=True))
     earlier = _earlier_parents(tracking_uri, config.tracking.experiment, [key, sweep_key(config, as_given=True)])
     if earlier and config.tracking.sweep_name:
         _refuse_reused_name(config, earlier[0], {overrides, as_given})
@@ -464,7 +465,7 @@ def _open_sweep(config: DictConfig, expected: set[str] | None, tracking_uri: str
             ROLE_TAG: "sweep",
             SWEEP_KEY_TAG: key,
             SWEEP_OVERRIDES_TAG: overrides,
-            OVERRIDES_TAG: redacted(" ".join(task_overrides(config))),
+            OVERRIDES_TAG: redacted(" ".join(given)),
             "mlpsweep.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
             LAUNCHER_TAG: _this_process(),
             LAUNCHER_STARTED_TAG: str(psutil.Process().create_time()),
